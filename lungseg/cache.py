@@ -1,0 +1,333 @@
+"""The HDF5 cache of preprocessed scans that training and evaluation read.
+
+Layout on disk: ``CACHE.h5`` plus a folder ``CACHE.h5.scans/`` with one HDF5
+file per scan. ``CACHE.h5`` holds the run's settings and one external link per
+finished scan, so ``h5py.File("CACHE.h5")["scans/<series uid>"]`` reads a scan
+as if it were stored inside. Move or copy both together.
+
+Why two levels: a scan file is written under a temporary name and renamed when
+complete, and ``CACHE.h5`` (small: settings and links) is rewritten the same way
+after each scan. An interrupted run therefore always leaves a readable cache
+that lacks at most the scan in flight, and a rerun skips finished scans.
+
+Schema, version 1 (``SCHEMA_VERSION``). All arrays are (z, y, x) on the
+resampled grid unless named otherwise; world coordinates are DICOM LPS, mm.
+
+``CACHE.h5``
+    attrs: ``schema_version`` (int), ``lungseg_version`` (str), ``config`` (JSON
+    of :class:`lungseg.preprocess.PreprocessConfig`)
+    ``scans/<series uid>``: external link to ``CACHE.h5.scans/<series uid>.h5:/``
+
+scan file, root attrs
+    ``schema_version``, ``patient_id``, ``study_uid``, ``series_uid``,
+    ``source`` (folder read), ``original_shape``, ``original_spacing`` (z, y, x mm),
+    ``origin`` (LPS mm of original voxel 0,0,0), ``direction`` (3x3, columns =
+    LPS directions of the z, y, x array axes), ``spacing`` (resampled z, y, x mm),
+    ``shape`` (resampled), ``lung_volume_ml``, ``n_nodules``
+``subcases/image``   (S, 48, 192, 192) float16, HU windowed -1000..400 to 0..1
+``subcases/mask``    (S, ...) uint8, consensus nodule mask (all nodules)
+``subcases/lung``    (S, ...) uint8, lung parenchyma mask
+``subcases/start``   (S, 3) int32, index of the sub-case's first voxel in the
+                     resampled volume (negative or past the end where padded)
+``rois/image``       (N, 16, 48, 48) float16, windowed, centred on each nodule
+``rois/mask``        (N, ...) uint8, that nodule's consensus mask
+``rois/start``       (N, 3) int32, as ``subcases/start``
+``nodules/*``        one row per nodule (N rows):
+    ``index`` (int16, cluster index in the scan), ``n_readers`` (int8),
+    ``ratings`` (N, 4, 9) int8 in :data:`lungseg.lidc.CHARACTERISTICS` order,
+    -1 where fewer than 4 readers, ``annotation_ids`` (N, 4) int32 (-1 likewise),
+    ``malignancy_median`` (float32), ``label`` (int8: 0 benign, 1 malignant,
+    -1 excluded), ``diameter_mm`` (float32, equivalent-sphere diameter of the
+    consensus mask; it sets the size category), ``long_axis_mm`` (mean of the
+    readers' longest in-plane diameters, as pylidc's ``Annotation.diameter``), ``volume_mm3``, ``mean_hu`` (inside the consensus mask, original
+    grid), ``size_category`` (int8 index into :data:`SIZE_CATEGORIES`),
+    ``centroid_voxel`` (N, 3) float32 original-grid (z, y, x) index,
+    ``centroid_world`` (N, 3) float32 LPS mm, ``centroid_resampled`` (N, 3)
+    float32 resampled-grid index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import h5py
+import numpy as np
+
+from . import __version__
+from .errors import CacheError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+#: Paper A's size categories (Table 2): upper diameter bound in mm, name.
+SIZE_CATEGORIES = (
+    (5.0, "micro"),
+    (10.0, "small"),
+    (30.0, "nodule"),
+    (float("inf"), "mass"),
+)
+LABEL_NAMES = {0: "benign", 1: "malignant", -1: "excluded"}
+
+
+def size_category(diameter_mm: float) -> int:
+    """Index into :data:`SIZE_CATEGORIES`: micro <= 5, small 5-10, nodule 10-30, mass > 30 mm."""
+    for i, (upper, _) in enumerate(SIZE_CATEGORIES):
+        if diameter_mm <= upper:
+            return i
+    return len(SIZE_CATEGORIES) - 1
+
+
+def scans_dir(path: str | os.PathLike) -> Path:
+    """The folder that holds the per-scan files of cache ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + ".scans")
+
+
+def _atomic_h5(final: Path):
+    """A temporary HDF5 path beside ``final``; rename it onto ``final`` when complete."""
+    fd, tmp = tempfile.mkstemp(prefix="." + final.name + ".", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+@dataclass
+class ScanRecordData:
+    """Everything written for one scan: root attributes and named arrays."""
+
+    series_uid: str
+    attrs: dict[str, Any]
+    arrays: dict[str, np.ndarray]   # "subcases/image", "nodules/label", ...
+
+
+class CacheWriter:
+    """Adds scans to a cache, one complete scan file at a time.
+
+    Opening an existing cache checks its schema version and that it was made
+    with the same ``config``; a cache made with other settings is refused
+    rather than mixed.
+    """
+
+    def __init__(self, path: str | os.PathLike, config: Mapping[str, Any]):
+        self.path = Path(path)
+        self.config_json = json.dumps(dict(config), sort_keys=True)
+        self.dir = scans_dir(self.path)
+        if self.path.exists():
+            with _open(self.path) as f:
+                _check_version(f, self.path)
+                old = f.attrs.get("config", "{}")
+            if json.loads(old) != json.loads(self.config_json):
+                raise CacheError(
+                    f"{self.path}: was made with other preprocessing settings; "
+                    "write to a new --out file or delete it first"
+                )
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob(".*.tmp"):
+            stale.unlink()
+        if not self.path.exists():
+            self._write_master()
+
+    def done(self) -> set[str]:
+        """Series UIDs whose scan files are complete."""
+        return {p.stem for p in self.dir.glob("*.h5")}
+
+    def add(self, record: ScanRecordData) -> None:
+        """Write one scan file atomically, then relink the cache to include it."""
+        final = self.dir / f"{record.series_uid}.h5"
+        tmp = _atomic_h5(final)
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.attrs["schema_version"] = SCHEMA_VERSION
+                for key, value in record.attrs.items():
+                    f.attrs[key] = value
+                for name, arr in record.arrays.items():
+                    arr = np.asarray(arr)
+                    big = arr.ndim >= 3 and arr.size > 4096
+                    f.create_dataset(
+                        name, data=arr,
+                        chunks=(1,) + arr.shape[1:] if big else None,
+                        compression="gzip" if big else None,
+                        compression_opts=4 if big else None,
+                        shuffle=big,
+                    )
+            _fsync(tmp)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        self._write_master()
+
+    def _write_master(self) -> None:
+        tmp = _atomic_h5(self.path)
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.attrs["schema_version"] = SCHEMA_VERSION
+                f.attrs["lungseg_version"] = __version__
+                f.attrs["config"] = self.config_json
+                scans = f.create_group("scans")
+                for uid in sorted(self.done()):
+                    scans[uid] = h5py.ExternalLink(f"{self.dir.name}/{uid}.h5", "/")
+            _fsync(tmp)
+            os.replace(tmp, self.path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def _open(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise CacheError(f"{path}: no such cache file") from None
+    except OSError as exc:
+        raise CacheError(f"{path}: not a readable HDF5 cache ({exc})") from None
+
+
+def _check_version(f: h5py.File, path: Path) -> None:
+    version = f.attrs.get("schema_version")
+    if version is None:
+        raise CacheError(f"{path}: not a lungseg cache (no schema_version attribute)")
+    if int(version) != SCHEMA_VERSION:
+        raise CacheError(
+            f"{path}: cache schema version {int(version)}, this lungseg reads version "
+            f"{SCHEMA_VERSION}; run lungseg preprocess again"
+        )
+
+
+class Cache:
+    """Read access to a cache; opens the file lazily, once per process.
+
+    Safe to create in the main process and use inside DataLoader workers: the
+    HDF5 handle is opened on first use in each process.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._file: h5py.File | None = None
+        self._pid: int | None = None
+        with _open(self.path) as f:
+            _check_version(f, self.path)
+            self.config = json.loads(f.attrs.get("config", "{}"))
+            self.series_uids = sorted(f["scans"].keys()) if "scans" in f else []
+
+    @property
+    def file(self) -> h5py.File:
+        if self._file is None or self._pid != os.getpid():
+            self._file = _open(self.path)
+            self._pid = os.getpid()
+        return self._file
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_file"] = None
+        return state
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "Cache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return len(self.series_uids)
+
+    def scan(self, series_uid: str) -> h5py.Group:
+        try:
+            return self.file["scans"][series_uid]
+        except KeyError:
+            raise CacheError(f"{self.path}: no scan {series_uid}") from None
+
+    def nodule_table(self, series_uid: str) -> dict[str, np.ndarray]:
+        g = self.scan(series_uid)
+        return {k: g["nodules"][k][()] for k in g["nodules"].keys()} if "nodules" in g else {}
+
+    def summary(self) -> dict[str, Any]:
+        """Scans, nodules per size category and label, and per-scan and per-nodule details."""
+        from .lidc import CHARACTERISTICS
+
+        scans = []
+        by_size = {name: 0 for _, name in SIZE_CATEGORIES}
+        by_label = {name: 0 for name in ("benign", "malignant", "excluded")}
+        for uid in self.series_uids:
+            g = self.scan(uid)
+            a = g.attrs
+            table = self.nodule_table(uid)
+            nodules = []
+            for i in range(int(a["n_nodules"])):
+                cat = SIZE_CATEGORIES[int(table["size_category"][i])][1]
+                label = LABEL_NAMES[int(table["label"][i])]
+                by_size[cat] += 1
+                by_label[label] += 1
+                n = int(table["n_readers"][i])
+                nodules.append({
+                    "index": int(table["index"][i]),
+                    "diameter_mm": round(float(table["diameter_mm"][i]), 2),
+                    "long_axis_mm": round(float(table["long_axis_mm"][i]), 2),
+                    "volume_mm3": round(float(table["volume_mm3"][i]), 1),
+                    "mean_hu": round(float(table["mean_hu"][i]), 1),
+                    "n_readers": n,
+                    "ratings": [dict(zip(CHARACTERISTICS, map(int, r))) for r in table["ratings"][i][:n]],
+                    "malignancy_median": float(table["malignancy_median"][i]),
+                    "label": label,
+                    "size_category": cat,
+                    "centroid_world_lps_mm": [round(float(v), 2) for v in table["centroid_world"][i]],
+                })
+            scans.append({
+                "patient_id": str(a["patient_id"]),
+                "series_uid": uid,
+                "n_slices": int(a["original_shape"][0]),
+                "original_spacing_mm": [float(v) for v in a["original_spacing"]],
+                "lung_volume_ml": round(float(a["lung_volume_ml"]), 1),
+                "n_subcases": int(g["subcases/image"].shape[0]),
+                "nodules": nodules,
+            })
+        return {
+            "cache": str(self.path),
+            "schema_version": SCHEMA_VERSION,
+            "n_scans": len(scans),
+            "n_nodules": sum(len(s["nodules"]) for s in scans),
+            "nodules_by_size_category": by_size,
+            "nodules_by_label": by_label,
+            "scans": scans,
+        }
+
+
+def format_summary(summary: Mapping[str, Any], *, per_scan: bool = True) -> str:
+    """The summary as plain text for the terminal."""
+    sizes = ", ".join(f"{k} {v}" for k, v in summary["nodules_by_size_category"].items())
+    labels = ", ".join(f"{k} {v}" for k, v in summary["nodules_by_label"].items())
+    lines = [
+        f"{summary['cache']}: {summary['n_scans']} scans, {summary['n_nodules']} nodules",
+        f"  by size (<=5, 5-10, 10-30, >30 mm): {sizes}",
+        f"  by label: {labels}",
+    ]
+    if per_scan:
+        for s in summary["scans"]:
+            lines.append(
+                f"{s['patient_id']}  {s['n_slices']} slices  lungs {s['lung_volume_ml'] / 1000:.2f} L"
+                f"  {len(s['nodules'])} nodules  {s['series_uid']}"
+            )
+            for n in s["nodules"]:
+                mal = ",".join(str(r["malignancy"]) for r in n["ratings"])
+                lines.append(
+                    f"  nodule {n['index']}: {n['diameter_mm']:.1f} mm ({n['size_category']}), "
+                    f"{n['volume_mm3']:.0f} mm3, mean {n['mean_hu']:.0f} HU, "
+                    f"{n['n_readers']} readers, malignancy {mal} -> {n['label']}"
+                )
+    return "\n".join(lines)

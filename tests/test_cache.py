@@ -1,0 +1,136 @@
+"""cache.py: atomic per-scan writes, resume, versioning, and survival of a kill at any moment."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from lungseg import cache
+from lungseg.errors import CacheError
+
+
+def record(uid: str, n_nodules: int = 1, size: int = 8) -> cache.ScanRecordData:
+    rng = np.random.default_rng(abs(hash(uid)) % 2**32)
+    return cache.ScanRecordData(
+        series_uid=uid,
+        attrs={"patient_id": f"P-{uid}", "n_nodules": n_nodules, "lung_volume_ml": 4000.0,
+               "original_shape": np.array([10, 20, 20]), "original_spacing": np.array([2.5, 0.7, 0.7])},
+        arrays={
+            "subcases/image": rng.random((2, size, size, size)).astype(np.float16),
+            "subcases/mask": np.zeros((2, size, size, size), np.uint8),
+            "nodules/label": np.ones(n_nodules, np.int8),
+        },
+    )
+
+
+def test_write_then_read_round_trip(tmp_path):
+    path = tmp_path / "c.h5"
+    w = cache.CacheWriter(path, {"spacing": [3, 1.5, 1.5]})
+    assert w.done() == set()
+    recs = [record("1.2.3"), record("1.2.4", n_nodules=3)]
+    for r in recs:
+        w.add(r)
+    with cache.Cache(path) as c:
+        assert c.series_uids == ["1.2.3", "1.2.4"]
+        assert c.config == {"spacing": [3, 1.5, 1.5]}
+        g = c.scan("1.2.4")
+        assert g.attrs["patient_id"] == "P-1.2.4"
+        np.testing.assert_array_equal(g["subcases/image"][()], recs[1].arrays["subcases/image"])
+        assert c.nodule_table("1.2.4")["label"].tolist() == [1, 1, 1]
+        with pytest.raises(CacheError, match="no scan"):
+            c.scan("9.9")
+    # No temporary files are left behind.
+    assert sorted(p.name for p in cache.scans_dir(path).iterdir()) == ["1.2.3.h5", "1.2.4.h5"]
+
+
+def test_reopening_resumes_and_refuses_other_settings(tmp_path):
+    path = tmp_path / "c.h5"
+    cache.CacheWriter(path, {"a": 1}).add(record("1"))
+    assert cache.CacheWriter(path, {"a": 1}).done() == {"1"}
+    with pytest.raises(CacheError, match="other preprocessing settings"):
+        cache.CacheWriter(path, {"a": 2})
+
+
+def test_schema_version_and_non_cache_files_are_refused(tmp_path):
+    path = tmp_path / "c.h5"
+    cache.CacheWriter(path, {}).add(record("1"))
+    with h5py.File(path, "a") as f:
+        f.attrs["schema_version"] = 99
+    with pytest.raises(CacheError, match="schema version 99"):
+        cache.Cache(path)
+    text = tmp_path / "notes.h5"
+    text.write_text("hello")
+    with pytest.raises(CacheError, match="not a readable HDF5"):
+        cache.Cache(text)
+    plain = tmp_path / "plain.h5"
+    h5py.File(plain, "w").close()
+    with pytest.raises(CacheError, match="not a lungseg cache"):
+        cache.Cache(plain)
+    with pytest.raises(CacheError, match="no such cache"):
+        cache.Cache(tmp_path / "missing.h5")
+
+
+def test_cache_pickles_without_its_handle(tmp_path):
+    import pickle
+
+    path = tmp_path / "c.h5"
+    cache.CacheWriter(path, {}).add(record("1"))
+    c = cache.Cache(path)
+    c.scan("1")
+    clone = pickle.loads(pickle.dumps(c))       # what a DataLoader worker receives
+    assert clone._file is None and clone.scan("1").attrs["n_nodules"] == 1
+
+
+@pytest.mark.parametrize("diameter, category", [(3, 0), (5, 0), (5.01, 1), (10, 1), (29.9, 2), (30, 2), (31, 3)])
+def test_size_categories_follow_paper_a(diameter, category):
+    assert cache.size_category(diameter) == category
+
+
+WRITER = textwrap.dedent("""
+    import sys, numpy as np
+    from lungseg import cache
+    w = cache.CacheWriter(sys.argv[1], {"k": 1})
+    done = w.done()
+    print("ready", flush=True)
+    for i in range(40):
+        uid = f"1.{i}"
+        if uid in done:
+            continue
+        rng = np.random.default_rng(i)
+        w.add(cache.ScanRecordData(uid, {"n_nodules": 0},
+              {"subcases/image": rng.random((3, 32, 64, 64)).astype(np.float16)}))
+""")
+
+
+def test_a_kill_at_any_moment_leaves_a_readable_cache_and_a_rerun_completes(tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    path = tmp_path / "c.h5"
+    rng = np.random.default_rng(0)
+    counts = []
+    for attempt in range(6):
+        proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.05, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        with cache.Cache(path) as c:                    # always readable
+            for uid in c.series_uids:                   # and every listed scan is complete
+                assert c.scan(uid)["subcases/image"].shape == (3, 32, 64, 64)
+            counts.append(len(c))
+    print("scans after each kill:", counts)
+    assert counts == sorted(counts)                     # nothing finished is ever lost
+    subprocess.run([sys.executable, str(script), str(path)], check=True, capture_output=True)
+    with cache.Cache(path) as c:
+        assert len(c) == 40
+        for i in (0, 17, 39):
+            expected = np.random.default_rng(i).random((3, 32, 64, 64)).astype(np.float16)
+            np.testing.assert_array_equal(c.scan(f"1.{i}")["subcases/image"][()], expected)
+    assert not [p for p in os.listdir(cache.scans_dir(path)) if p.endswith(".tmp")]

@@ -1,0 +1,78 @@
+"""cli.py: fast help for every command, plugins (good and broken), one-line errors."""
+
+import subprocess
+import sys
+from importlib.metadata import EntryPoint
+
+import pytest
+from click.testing import CliRunner
+
+import cli
+from cli import main
+
+COMMANDS = ["preprocess", "info", "manifest", "demo"]
+
+
+def test_every_command_has_help():
+    runner = CliRunner()
+    result = runner.invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for name in COMMANDS:
+        assert name in result.output
+        sub = runner.invoke(main, [name, "--help"])
+        assert sub.exit_code == 0, sub.output
+        assert "Usage: main " + name in sub.output or f"{name} [OPTIONS]" in sub.output
+
+
+def test_help_defers_heavy_imports():
+    code = ("import sys; from click.testing import CliRunner; import cli; "
+            "r = CliRunner().invoke(cli.main, ['preprocess', '--help']); assert r.exit_code == 0; "
+            "print(sorted(m for m in ('numpy', 'torch', 'h5py', 'scipy', 'pydicom') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.fixture
+def plugins(monkeypatch, tmp_path):
+    (tmp_path / "good_plugin.py").write_text(
+        "import click\n@click.command()\ndef hello():\n    'Say hello.'\n    click.echo('hello from plugin')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    eps = [
+        EntryPoint("hello", "good_plugin:hello", cli.PLUGIN_GROUP),
+        EntryPoint("broken", "no_such_module_xyz:cmd", cli.PLUGIN_GROUP),
+        EntryPoint("notacommand", "os:getcwd", cli.PLUGIN_GROUP),
+    ]
+    monkeypatch.setattr(cli, "entry_points", lambda group: eps if group == cli.PLUGIN_GROUP else [])
+
+
+def test_plugins_appear_and_a_broken_one_does_not_break_the_cli(plugins):
+    runner = CliRunner()
+    listing = runner.invoke(main, ["--help"])
+    assert listing.exit_code == 0
+    assert "hello" in listing.output and "broken" in listing.output
+    assert runner.invoke(main, ["hello"]).output.strip() == "hello from plugin"
+    broken = runner.invoke(main, ["broken"])
+    assert broken.exit_code == 1
+    assert "plugin 'broken' failed to load" in broken.output and "no_such_module_xyz" in broken.output
+    assert runner.invoke(main, ["notacommand"]).exit_code == 1
+    assert runner.invoke(main, ["info", "--help"]).exit_code == 0
+
+
+def test_bad_input_gives_one_line_errors(tmp_path):
+    runner = CliRunner()
+    not_h5 = tmp_path / "c.h5"
+    not_h5.write_text("not hdf5")
+    result = runner.invoke(main, ["info", str(not_h5)])
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1 and "not a readable HDF5 cache" in result.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = runner.invoke(main, ["preprocess", "--lidc-root", str(empty), "--out", str(tmp_path / "x.h5")])
+    assert result.exit_code == 1 and "no LIDC-IDRI-XXXX patient folders" in result.output
+    result = runner.invoke(main, ["preprocess", "--lidc-root", str(empty), "--out", str(tmp_path / "x.h5"),
+                                  "--scans", "LIDC-IDRI-9999"])
+    assert result.exit_code == 1 and "LIDC-IDRI-9999" in result.output
+    result = runner.invoke(main, ["preprocess", "--lidc-root", str(tmp_path / "nope"), "--out", "x.h5"])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    result = runner.invoke(main, ["preprocess", "--lidc-root", str(empty), "--out", "x.h5", "--spacing", "0", "1", "1"])
+    assert result.exit_code == 2 and "spacing must be positive" in result.output
