@@ -1,0 +1,91 @@
+"""Where lungseg computes: device choice and mixed-precision autocast.
+
+One rule for every command (project convention): ``"auto"`` means CUDA when
+PyTorch sees a GPU, else the CPU; an explicitly requested device that is not
+there is an error, never a silent fallback. Mixed precision is bfloat16
+autocast where the hardware runs it natively (CUDA GPUs with bf16 support,
+float16 on older GPUs; CPUs with AVX512-BF16 or AMX) and switchable, since
+paper A trained in full precision. Only float16 needs a ``GradScaler``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager
+
+import torch
+
+from .errors import LungsegError
+
+
+class DeviceError(LungsegError, ValueError):
+    """The requested compute device is unknown or not available."""
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> ``cuda`` if available else ``cpu``; ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` as given.
+
+    Raises :class:`DeviceError` (a ``ValueError``) for an unknown name or a
+    device this machine or PyTorch build does not have.
+    """
+    if isinstance(name, str) and name.strip().lower() == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    try:
+        dev = torch.device(name.strip().lower() if isinstance(name, str) else name)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {name!r} requested but CUDA is not available "
+                              f"(PyTorch {torch.__version__}); use --device cpu or auto")
+        count = torch.cuda.device_count()
+        index = torch.cuda.current_device() if dev.index is None else dev.index
+        if index >= count:
+            raise DeviceError(f"device {name!r} requested but only {count} CUDA device(s) "
+                              f"exist (cuda:0..cuda:{count - 1})")
+        return torch.device("cuda", index)
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError(f"device {name!r} requested but Apple MPS is not available")
+        return torch.device("mps")
+    raise DeviceError(f"device type {dev.type!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bfloat16 instructions (AVX512-BF16 or AMX); else bf16 is emulated (slow)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The mixed-precision dtype worth using on ``device``, or None for full precision."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dev.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else None
+    if dev.type == "mps":
+        return torch.float16
+    return None
+
+
+def autocast_context(device: torch.device | str, enabled: bool = True,
+                     dtype: torch.dtype | None = None) -> ContextManager:
+    """``torch.autocast`` for ``device``, or a no-op context.
+
+    ``enabled=False``: no-op (full precision). ``dtype=None``: the dtype of
+    :func:`autocast_dtype` (no-op where none helps, e.g. CPUs without native
+    bf16). An explicit ``dtype`` is used as asked, even where it is slow.
+    """
+    if not enabled:
+        return contextlib.nullcontext()
+    dev = torch.device(device)
+    dtype = dtype if dtype is not None else autocast_dtype(dev)
+    if dtype is None:
+        return contextlib.nullcontext()
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+    return torch.autocast(device_type=dev.type, dtype=dtype)

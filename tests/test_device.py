@@ -1,0 +1,73 @@
+"""device.py: device resolution (auto, explicit, unavailable) and autocast on CPU."""
+
+import contextlib
+
+import pytest
+import torch
+
+from lungseg import device as dv
+from lungseg.errors import LungsegError
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+def test_auto_is_cpu_without_cuda(no_cuda):
+    assert dv.resolve_device() == torch.device("cpu")
+    assert dv.resolve_device("AUTO") == torch.device("cpu")
+    assert dv.resolve_device("cpu") == dv.resolve_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_auto_is_cuda_when_present(two_gpus):
+    assert dv.resolve_device("auto") == torch.device("cuda", 0)
+    assert dv.resolve_device("cuda") == torch.device("cuda", 0)
+    assert dv.resolve_device("cuda:1") == torch.device("cuda", 1)
+
+
+@pytest.mark.parametrize("name,match", [("cuda", "CUDA is not available"), ("cuda:0", "CUDA is not available"),
+                                        ("gpu", "unknown device"), ("", "unknown device"),
+                                        ("meta", "not supported")])
+def test_unavailable_or_unknown_device_raises(no_cuda, name, match):
+    with pytest.raises(dv.DeviceError, match=match) as info:
+        dv.resolve_device(name)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, LungsegError)
+
+
+def test_cuda_index_out_of_range_raises(two_gpus):
+    with pytest.raises(dv.DeviceError, match="only 2 CUDA"):
+        dv.resolve_device("cuda:2")
+
+
+def test_autocast_disabled_is_full_precision():
+    lin = torch.nn.Linear(4, 4)
+    with dv.autocast_context("cpu", enabled=False):
+        assert lin(torch.rand(2, 4)).dtype == torch.float32
+    assert isinstance(dv.autocast_context("cpu", enabled=False), contextlib.nullcontext)
+
+
+def test_autocast_on_cpu_follows_native_bf16(monkeypatch):
+    lin = torch.nn.Linear(4, 4)
+    expected = torch.bfloat16 if dv.cpu_has_native_bf16() else torch.float32
+    assert dv.autocast_dtype("cpu") == (torch.bfloat16 if dv.cpu_has_native_bf16() else None)
+    with dv.autocast_context(torch.device("cpu")):
+        assert lin(torch.rand(2, 4)).dtype == expected
+    monkeypatch.setattr(dv, "cpu_has_native_bf16", lambda: True)
+    with dv.autocast_context("cpu"):
+        assert lin(torch.rand(2, 4)).dtype == torch.bfloat16
+
+
+def test_explicit_bf16_autocast_on_cpu_and_bad_dtype():
+    lin = torch.nn.Linear(4, 4)
+    with dv.autocast_context("cpu", dtype=torch.bfloat16):
+        assert lin(torch.rand(2, 4)).dtype == torch.bfloat16
+    with pytest.raises(ValueError):
+        dv.autocast_context("cpu", dtype=torch.float32)

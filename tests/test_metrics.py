@@ -1,0 +1,224 @@
+"""metrics.py: eqs. 5-8, size categories, ROC and AUC with ties, bootstrap, detection, on hand-worked examples."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from lungseg import cache
+from lungseg import metrics as m
+
+# ---- voxel measures -------------------------------------------------------------------------
+
+
+def test_dice_precision_recall_hand_worked():
+    t = np.array([1, 1, 1, 1, 0, 0])
+    p = np.array([1, 0, 0, 0, 1, 0])
+    # |T and P| = 1, |T| = 4, |P| = 2
+    assert m.dice(t, p) == pytest.approx(2 / 6)
+    assert m.precision(t, p) == pytest.approx(1 / 2)
+    assert m.recall(t, p) == pytest.approx(1 / 4)
+    assert m.segmentation_scores(t.reshape(2, 3), p.reshape(2, 3)) == pytest.approx(
+        {"dice": 1 / 3, "precision": 0.5, "recall": 0.25})
+    assert m.dice(t, t) == m.precision(t, t) == m.recall(t, t) == 1.0
+
+
+@pytest.mark.parametrize("t,p,expected", [
+    ([0, 0, 0], [0, 0, 0], (1.0, 1.0, 1.0)),      # nothing to find, nothing found
+    ([0, 0, 0], [0, 1, 0], (0.0, 0.0, 0.0)),      # prediction where the truth is empty
+    ([0, 1, 0], [0, 0, 0], (0.0, 0.0, 0.0)),      # missed nodule
+])
+def test_empty_masks_have_defined_values(t, p, expected):
+    assert (m.dice(t, p), m.precision(t, p), m.recall(t, p)) == expected
+    assert tuple(m.segmentation_scores(t, p).values()) == expected
+
+
+def test_mask_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="shape"):
+        m.dice(np.zeros((2, 2)), np.zeros(4))
+
+
+# ---- size categories ------------------------------------------------------------------------
+
+def test_size_categories_come_from_the_cache_module():
+    d = [0.0, 3.0, 5.0, 5.01, 10.0, 10.5, 30.0, 30.1, 120.0]
+    idx = m.size_category_index(d)
+    assert idx.tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3]
+    assert idx.tolist() == [cache.size_category(x) for x in d]
+    assert m.CATEGORY_NAMES == ("micro", "small", "nodule", "mass")
+    for bad in ([float("nan")], [-1.0], [float("inf")]):
+        with pytest.raises(ValueError):
+            m.size_category_index(bad)
+
+
+def test_per_category_table_hand_worked():
+    table = m.per_category_table([4, 8, 9, 20], {"dice": [0.2, 0.5, 0.7, 0.9], "recall": [0, 1, 1, 1]})
+    assert list(table) == ["micro", "small", "nodule", "mass", "all"]
+    assert table["micro"] == {"n": 1, "dice": 0.2, "recall": 0.0}
+    assert table["small"]["n"] == 2 and table["small"]["dice"] == pytest.approx(0.6)
+    assert table["mass"]["n"] == 0 and math.isnan(table["mass"]["dice"])
+    assert table["all"] == pytest.approx({"n": 4, "dice": 0.575, "recall": 0.75})
+    text = m.format_table(table)
+    assert "small" in text and "0.600" in text and "nan" in text
+    with pytest.raises(ValueError):
+        m.per_category_table([4, 8], {"dice": [0.1]})
+
+
+# ---- classification -------------------------------------------------------------------------
+
+Y_TRUE = [1, 1, 1, 0, 0, 0, 0]
+Y_PRED = [1, 0, 1, 0, 0, 1, 0]          # TP 2, FN 1, FP 1, TN 3
+
+
+def test_eq_8_and_confusion_matrix_hand_worked():
+    assert m.binary_counts(Y_TRUE, Y_PRED) == {"tp": 2, "fp": 1, "tn": 3, "fn": 1}
+    assert m.accuracy(Y_TRUE, Y_PRED) == pytest.approx(5 / 7)
+    assert m.sensitivity(Y_TRUE, Y_PRED) == pytest.approx(2 / 3)
+    assert m.specificity(Y_TRUE, Y_PRED) == pytest.approx(3 / 4)
+    scores = m.classification_scores(Y_TRUE, Y_PRED)
+    assert scores["accuracy"] == pytest.approx(5 / 7) and scores["recall"] == pytest.approx(2 / 3)
+    assert scores["specificity"] == pytest.approx(0.75)
+    assert m.confusion_matrix(Y_TRUE, Y_PRED).tolist() == [[3, 1], [1, 2]]
+
+
+def test_confusion_matrix_three_classes():
+    cm = m.confusion_matrix([0, 1, 2, 2, 1], [0, 2, 2, 1, 1])
+    assert cm.tolist() == [[1, 0, 0], [0, 1, 1], [0, 1, 1]]
+    assert m.confusion_matrix([0, 0], [0, 0], num_classes=3).shape == (3, 3)
+    assert m.accuracy([0, 1, 2, 2, 1], [0, 2, 2, 1, 1]) == pytest.approx(3 / 5)
+
+
+def test_undefined_ratios_are_nan():
+    assert math.isnan(m.sensitivity([0, 0], [1, 0]))
+    assert math.isnan(m.specificity([1, 1], [1, 0]))
+    assert math.isnan(m.roc_auc([1, 1], [0.2, 0.3]))
+
+
+@pytest.mark.parametrize("call", [
+    lambda: m.binary_counts([0, 2], [0, 1]),
+    lambda: m.binary_counts([0, 1], [0, 1, 1]),
+    lambda: m.confusion_matrix([[0, 1]], [[0, 1]]),
+    lambda: m.confusion_matrix([0, 3], [0, 1], num_classes=2),
+    lambda: m.confusion_matrix([0, -1], [0, 1]),
+    lambda: m.roc_auc([0, 1], [0.5, float("nan")]),
+    lambda: m.roc_curve([0, 1, 1], [0.5, 0.2]),
+])
+def test_ill_formed_labels_raise(call):
+    with pytest.raises(ValueError):
+        call()
+
+
+# ---- ROC and AUC ----------------------------------------------------------------------------
+
+def brute_auc(y, s):
+    pos = [a for a, t in zip(s, y) if t]
+    neg = [a for a, t in zip(s, y) if not t]
+    return sum((a > b) + 0.5 * (a == b) for a, b in itertools.product(pos, neg)) / (len(pos) * len(neg))
+
+
+def test_auc_hand_worked_examples():
+    assert m.roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
+    assert m.roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == pytest.approx(0.5)      # all tied
+    # pos 0.5 vs neg 0.2: 1; vs neg 0.5: 1/2; pos 0.9 beats both: 2 -> 3.5 / 4
+    assert m.roc_auc([0, 0, 1, 1], [0.2, 0.5, 0.5, 0.9]) == pytest.approx(0.875)
+    assert m.roc_auc([1, 1, 0], [0.0, 0.1, 0.9]) == 0.0
+
+
+def test_auc_equals_pairwise_count_and_roc_trapezoid_on_tied_data():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 60)
+    s = rng.integers(0, 6, 60) / 5.0                      # many ties
+    auc = m.roc_auc(y, s)
+    assert auc == pytest.approx(brute_auc(y, s))
+    fpr, tpr, _ = m.roc_curve(y, s)
+    assert np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2) == pytest.approx(auc)
+
+
+def test_roc_curve_hand_worked():
+    fpr, tpr, thr = m.roc_curve([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    assert thr.tolist() == [math.inf, 0.8, 0.4, 0.35, 0.1]
+    assert tpr.tolist() == [0, 0.5, 0.5, 1, 1]
+    assert fpr.tolist() == [0, 0, 0.5, 0.5, 1]
+    fpr, tpr, thr = m.roc_curve([0, 1, 1], [0.3, 0.3, 0.7])        # a tie moves diagonally
+    assert thr.tolist() == [math.inf, 0.7, 0.3] and tpr.tolist() == [0, 0.5, 1] and fpr.tolist() == [0, 0, 1]
+
+
+# ---- bootstrap ------------------------------------------------------------------------------
+
+def test_bootstrap_is_seeded_and_contains_the_estimate():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 80)
+    s = y * 0.8 + rng.normal(0, 0.5, 80)
+    ci = m.bootstrap_ci(m.roc_auc, y, s, n_resamples=300, seed=7)
+    assert ci.estimate == pytest.approx(m.roc_auc(y, s))
+    assert ci.low < ci.estimate < ci.high and 0 <= ci.low and ci.high <= 1
+    assert ci == m.bootstrap_ci(m.roc_auc, y, s, n_resamples=300, seed=7)
+    assert ci != m.bootstrap_ci(m.roc_auc, y, s, n_resamples=300, seed=8)
+    wide = m.bootstrap_ci(m.roc_auc, y, s, n_resamples=300, seed=7, confidence=0.99)
+    assert wide.low <= ci.low and wide.high >= ci.high
+    assert ci.n_valid == 300 and "[" in str(ci)
+
+
+def test_bootstrap_by_group_keeps_each_group_together():
+    groups = np.repeat(np.arange(10), 3)                 # 10 patients, 3 nodules each
+    values = np.arange(30.0)
+    seen = []
+
+    def stat(v, g):
+        _, counts = np.unique(g, return_counts=True)
+        seen.append(np.all(counts % 3 == 0))
+        return v.mean()
+
+    ci = m.bootstrap_ci(stat, values, groups, groups=groups, n_resamples=50, seed=1)
+    assert all(seen) and ci.estimate == pytest.approx(14.5)
+    assert ci.low <= 14.5 <= ci.high
+
+
+def test_bootstrap_drops_undefined_resamples():
+    ci = m.bootstrap_ci(m.roc_auc, np.array([0, 1, 0]), np.array([0.1, 0.9, 0.2]), n_resamples=200)
+    assert 0 < ci.n_valid < 200 and ci.estimate == 1.0
+
+
+@pytest.mark.parametrize("kwargs", [dict(n_resamples=0), dict(confidence=1.0), dict(groups=[0, 1])])
+def test_bootstrap_bad_options_raise(kwargs):
+    with pytest.raises(ValueError):
+        m.bootstrap_ci(np.mean, np.arange(3.0), **kwargs)
+    with pytest.raises(ValueError):
+        m.bootstrap_ci(m.roc_auc, [0, 1], [0.5])
+
+
+# ---- nodule-level detection -----------------------------------------------------------------
+
+def test_detection_counts_hand_worked():
+    truth = np.zeros((6, 10, 10), int)
+    truth[1:3, 1:3, 1:3] = 4                       # nodule A (labels need not be 1..n)
+    truth[3:5, 6:9, 6:9] = 7                       # nodule B
+    pred = np.zeros(truth.shape, bool)
+    pred[2:4, 2:4, 2:4] = True                     # overlaps A in one voxel, (2, 2, 2)
+    pred[5, 0, 9] = True                           # a false positive
+    c = m.detection_counts(truth, pred)
+    assert (c.n_truth, c.n_hit, c.n_pred, c.n_false_positive) == (2, 1, 2, 1)
+    assert c.truth_ids.tolist() == [4, 7] and c.hit.tolist() == [True, False]
+    assert c.sensitivity == 0.5
+    # A boolean truth mask: its connected components are the nodules.
+    assert m.detection_counts(truth > 0, pred).n_truth == 2
+    s = m.detection_summary([c, m.detection_counts(np.zeros_like(truth), np.zeros_like(pred))])
+    assert s == {"n_scans": 2, "n_truth": 2, "n_hit": 1, "sensitivity": 0.5,
+                 "n_false_positive": 1, "fp_per_scan": 0.5}
+
+
+def test_detection_connectivity():
+    pred = np.zeros((3, 3, 3), bool)
+    pred[0, 0, 0] = pred[1, 1, 1] = True             # corner-touching voxels
+    truth = np.zeros((3, 3, 3), int)
+    truth[0, 0, 0] = 1
+    assert m.detection_counts(truth, pred).n_pred == 1                    # 26-neighbourhood
+    c6 = m.detection_counts(truth, pred, connectivity=1)
+    assert c6.n_pred == 2 and c6.n_false_positive == 1
+    with pytest.raises(ValueError):
+        m.detection_counts(truth, pred, connectivity=4)
+    with pytest.raises(ValueError):
+        m.detection_counts(truth.astype(float), pred)
+    with pytest.raises(ValueError):
+        m.detection_counts(truth, pred[0])
