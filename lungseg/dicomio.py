@@ -37,7 +37,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import pydicom
@@ -673,15 +673,19 @@ def write_series(
     slice_thickness: float | None = None,
     intercept: int = -1024,
     description: str = "",
+    extra_tags: Mapping[str, object] | None = None,
 ) -> list[Path]:
     """Write a (z, y, x) int16 HU volume as an axial CT series, one file per slice.
 
     Slice ``k`` lies at ``origin + (0, 0, slice_z[k] - slice_z[0])`` (``slice_z``
     defaults to ``origin z + k * spacing[0]``), with feet-to-head axial
     orientation; pixels are stored as unsigned 16 bit with ``RescaleIntercept``
-    ``intercept``, so the file holds what a scanner would write. Used by the
-    LIDC twin and by tests; the result reads back through :func:`read_series`.
+    ``intercept``, so the file holds what a scanner would write. ``extra_tags``
+    (DICOM keyword -> value, e.g. ``{"Manufacturer": "..."}``) are set on every
+    slice last, so they may also replace a default such as ``ImageType``. Used
+    by the LIDC twin and by tests; the result reads back through :func:`read_series`.
     """
+    from pydicom.datadict import tag_for_keyword
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -695,6 +699,9 @@ def write_series(
         file_names = [f"{k + 1:06d}.dcm" for k in range(n)]
     if len(slice_z) != n or len(file_names) != n:
         raise ValueError(f"need {n} slice positions and file names, got {len(slice_z)} and {len(file_names)}")
+    unknown = [kw for kw in (extra_tags or {}) if tag_for_keyword(kw) is None]
+    if unknown:
+        raise ValueError(f"extra_tags: not DICOM keywords: {', '.join(unknown)}")
     stored = np.clip(hu.astype(np.int32) - intercept, 0, np.iinfo(np.uint16).max).astype(np.uint16)
     frame_uid = generate_uid(entropy_srcs=[series_uid, "frame"])
     paths = []
@@ -733,7 +740,43 @@ def write_series(
         ds.RescaleType = "HU"
         ds.WindowCenter, ds.WindowWidth = -600, 1500
         ds.PixelData = stored[k].tobytes()
+        for keyword, value in (extra_tags or {}).items():
+            setattr(ds, keyword, value)
         path = out / file_names[k]
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def read_nifti_volume(path: str | os.PathLike) -> CTVolume:
+    """Read a 3D NIfTI CT image in Hounsfield units as a :class:`CTVolume`.
+
+    The NIfTI (x, y, z) RAS affine is turned back into lungseg's (z, y, x) LPS
+    geometry (the inverse of :func:`nifti_affine`). Refuses images that are not
+    3D, whose affine is not a rotation times spacing, or whose values do not
+    look like HU (no voxel below -500: air is about -1000 HU).
+    """
+    path = Path(path)
+    try:
+        data, affine_ras = read_nifti_mask(path)
+    except (OSError, ValueError) as exc:
+        raise DicomError(f"{path}: cannot read as a 3D NIfTI image ({_one_line(exc)})") from None
+    zyx_from_xyz = np.eye(4)[:, [2, 1, 0, 3]]
+    ras_from_lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    affine_lps = np.linalg.inv(ras_from_lps) @ affine_ras @ np.linalg.inv(zyx_from_xyz)
+    spacing = np.linalg.norm(affine_lps[:3, :3], axis=0)
+    if np.any(spacing <= 0):
+        raise DicomError(f"{path}: the NIfTI affine has a zero voxel size")
+    direction = affine_lps[:3, :3] / spacing
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
+        raise DicomError(f"{path}: the NIfTI affine is sheared; resample it to an orthogonal grid first")
+    if data.size == 0 or float(np.min(data)) > -500:
+        raise DicomError(f"{path}: values do not look like Hounsfield units (minimum "
+                         f"{float(np.min(data)) if data.size else 'n/a'}; air should be about -1000)")
+    hu = np.clip(np.round(data), _INT16_MIN, _INT16_MAX).astype(np.int16)
+    normal = direction[:, 0]
+    origin = affine_lps[:3, 3]
+    positions = float(origin @ normal) + spacing[0] * np.arange(hu.shape[0])
+    return CTVolume(hu=hu, spacing=tuple(float(s) for s in spacing), origin=tuple(float(v) for v in origin),
+                    direction=direction, slice_positions=positions, patient_id="", study_uid="",
+                    series_uid=path.name.split(".")[0], sop_uids=(), files=(str(path),), path=str(path))
