@@ -1,0 +1,165 @@
+"""PyTorch datasets over the HDF5 cache: sub-cases for segmentation, ROIs for classification.
+
+Both read lazily through :class:`lungseg.cache.Cache` (one HDF5 handle per
+DataLoader worker) and take the scans of one split of a patient-level split
+file (``data_manifests/lidc_split_seed0.csv``: ``patient_id,split``).
+
+Augmentation (random flips along each axis and in-plane 90-degree rotations,
+the same for image and mask) draws from a generator seeded by
+``(seed, epoch, index)``, and the samplers draw their order from
+``(seed, epoch)``. A run therefore sees the same batches whatever the number
+of workers and whether or not it was interrupted and resumed.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from .cache import Cache
+from .errors import LungsegError
+
+SPLITS = ("train", "val", "test")
+
+
+def read_split(path: str | os.PathLike) -> dict[str, str]:
+    """``patient_id -> split`` from a split CSV."""
+    path = Path(path)
+    if not path.is_file():
+        raise LungsegError(f"{path}: no such split file (write one with `lungseg manifest`)")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"patient_id", "split"} <= set(rows[0]):
+        raise LungsegError(f"{path}: a split file needs the columns patient_id,split")
+    bad = {r["split"] for r in rows} - set(SPLITS)
+    if bad:
+        raise LungsegError(f"{path}: unknown split name(s) {sorted(bad)}; use {', '.join(SPLITS)}")
+    return {r["patient_id"]: r["split"] for r in rows}
+
+
+def split_scans(cache: Cache, split: dict[str, str], name: str) -> list[str]:
+    """Series UIDs of the cache whose patient is in split ``name``."""
+    if name not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+    return [uid for uid in cache.series_uids if split.get(str(cache.scan(uid).attrs["patient_id"])) == name]
+
+
+def augment(arrays: Sequence[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    """The same random flips (z, y, x) and in-plane quarter turn for every (z, y, x) array."""
+    flips = rng.random(3) < 0.5
+    turns = int(rng.integers(4))
+    out = []
+    for a in arrays:
+        for axis in np.flatnonzero(flips):
+            a = np.flip(a, axis=int(axis))
+        a = np.rot90(a, k=turns, axes=(1, 2))
+        out.append(np.ascontiguousarray(a))
+    return out
+
+
+class _CacheDataset(Dataset):
+    """Items are addressed as (index, epoch) so augmentation is reproducible."""
+
+    def __init__(self, cache: Cache | str | os.PathLike, series_uids: Sequence[str], *,
+                 augment: bool = False, seed: int = 0):
+        self.cache = cache if isinstance(cache, Cache) else Cache(cache)
+        self.series_uids = list(series_uids)
+        self.augment = augment
+        self.seed = seed
+        self.items = self._index()
+
+    def _index(self) -> list[tuple]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _rng(self, index: int, epoch: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, epoch, index])
+
+    def _unpack(self, key) -> tuple[int, int]:
+        return (key, 0) if isinstance(key, (int, np.integer)) else (int(key[0]), int(key[1]))
+
+
+class SubcaseDataset(_CacheDataset):
+    """(image, mask) pairs of 1 x D x H x W float32 sub-cases for the segmentation network."""
+
+    def _index(self):
+        return [(uid, i) for uid in self.series_uids
+                for i in range(self.cache.scan(uid)["subcases/image"].shape[0])]
+
+    def __getitem__(self, key):
+        index, epoch = self._unpack(key)
+        uid, i = self.items[index]
+        g = self.cache.scan(uid)
+        image = g["subcases/image"][i].astype(np.float32)
+        mask = g["subcases/mask"][i].astype(np.float32)
+        if self.augment:
+            image, mask = augment([image, mask], self._rng(index, epoch))
+        return torch.from_numpy(image)[None], torch.from_numpy(mask)[None]
+
+
+class RoiDataset(_CacheDataset):
+    """(image, label) pairs: 1 x 16 x 48 x 48 float32 ROIs and 0 benign / 1 malignant.
+
+    Nodules labelled excluded (-1: median malignancy 3) are left out.
+    """
+
+    def _index(self):
+        items = []
+        for uid in self.series_uids:
+            labels = self.cache.nodule_table(uid).get("label", np.zeros(0))
+            items.extend((uid, i, int(lab)) for i, lab in enumerate(labels) if lab >= 0)
+        return items
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([lab for _, _, lab in self.items], dtype=np.int64)
+
+    def __getitem__(self, key):
+        index, epoch = self._unpack(key)
+        uid, i, label = self.items[index]
+        image = self.cache.scan(uid)["rois/image"][i].astype(np.float32)
+        if self.augment:
+            (image,) = augment([image], self._rng(index, epoch))
+        return torch.from_numpy(image)[None], torch.tensor(label, dtype=torch.long)
+
+
+class EpochSampler(Sampler):
+    """Yields (index, epoch) in an order drawn from (seed, epoch).
+
+    ``balanced`` draws with replacement so that each class is equally likely
+    (``labels`` needed); otherwise a permutation (``shuffle``) or the identity.
+    """
+
+    def __init__(self, n: int, *, seed: int = 0, shuffle: bool = True, labels: np.ndarray | None = None,
+                 balanced: bool = False):
+        if balanced and labels is None:
+            raise ValueError("balanced sampling needs labels")
+        self.n, self.seed, self.shuffle, self.balanced = n, seed, shuffle, balanced
+        self.labels = labels
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.balanced:
+            counts = np.maximum(np.bincount(self.labels, minlength=2), 1).astype(float)
+            weights = torch.as_tensor(1.0 / counts[self.labels], dtype=torch.double)
+            order = torch.multinomial(weights, self.n, replacement=True, generator=gen).tolist()
+        elif self.shuffle:
+            order = torch.randperm(self.n, generator=gen).tolist()
+        else:
+            order = range(self.n)
+        return iter([(i, self.epoch) for i in order])
