@@ -126,3 +126,27 @@ def make_tiny_lidc(root) -> tuple[Path, Path]:
 def tiny_lidc(tmp_path_factory):
     """(lidc_root, annotation database path) of a three-patient phantom LIDC."""
     return make_tiny_lidc(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tiny_lidc, tmp_path_factory):
+    """The tiny LIDC preprocessed (small sub-cases and ROIs) and one-epoch seg and cls checkpoints.
+
+    Returns a dict: lidc root, db, cache, split file (9001 train, 9002 val, 9003 test... all listed), seg, cls.
+    """
+    from lungseg import lidc, train
+    from lungseg.preprocess import PreprocessConfig, preprocess_dataset, select_scans
+
+    root, db_path = tiny_lidc
+    work = tmp_path_factory.mktemp("trained")
+    cfg = PreprocessConfig(subcase_shape=(16, 64, 64), roi_shape=(8, 16, 16))
+    with lidc.LidcDatabase(db_path) as db:
+        results = list(preprocess_dataset(select_scans(root, db), work / "c.h5", db, cfg))
+    assert all(r.status == "done" for r in results)
+    split = work / "split.csv"
+    split.write_text("patient_id,split\nLIDC-IDRI-9001,train\nLIDC-IDRI-9002,val\nLIDC-IDRI-9003,test\n")
+    common = dict(epochs=1, split_file=str(split), device="cpu", precision="fp32")
+    train.fit("seg", train.SegConfig(widths=(2, 4, 8, 16, 32), batch_size=2, **common), work / "c.h5", work / "seg")
+    train.fit("cls", train.ClsConfig(width=4, batch_size=2, **common), work / "c.h5", work / "cls")
+    return {"root": root, "db": db_path, "cache": work / "c.h5", "split": split,
+            "seg": work / "seg" / "best.pt", "cls": work / "cls" / "best.pt"}

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 import cli
 from cli import main
 
-COMMANDS = ["preprocess", "info", "manifest", "demo"]
+COMMANDS = ["preprocess", "info", "manifest", "train-seg", "train-cls", "evaluate", "predict", "demo"]
 
 
 def test_every_command_has_help():

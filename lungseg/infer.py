@@ -1,0 +1,391 @@
+"""Whole-scan prediction and the per-nodule report (``lungseg predict``).
+
+The pipeline of paper A, Fig. 1, on one CT series:
+
+1. the same preprocessing as training (:mod:`lungseg.preprocess`): resample to
+   the checkpoint's spacing, lung mask, lung window;
+2. the segmentation network over the lung region in overlapping windows of the
+   sub-case size, probabilities blended with Gaussian weights;
+3. probabilities back on the original grid, threshold inside the lung mask,
+   connected components; those smaller than ``min_volume_mm3`` dropped;
+4. one ROI per component, classified by the 3D ResNet50;
+5. the report: ``nodules.json`` and ``nodules.csv`` (positions in voxel indices
+   of the original series and in world LPS mm), a nodule label mask and a lung
+   mask as NIfTI on the original grid (they overlay the source in viewers), one
+   PNG per nodule, versions, checkpoint hashes and timings.
+
+A report folder is complete only when ``nodules.json`` exists; it is written
+last, after everything else, so a rerun redoes any series left half done.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from . import __version__
+from .cache import SIZE_CATEGORIES, size_category
+from .device import autocast_context, resolve_device
+from .dicomio import CTVolume, find_series, read_nifti_volume, read_series, write_nifti
+from .errors import LungsegError
+from .preprocess import PreprocessConfig, crop, lung_mask, resample, resampled_shape, window
+
+log = logging.getLogger(__name__)
+
+DISCLAIMER = ("Research software, not a medical device. The malignancy probability and the masks are only "
+              "as good as the data the checkpoints were trained on (see 'checkpoints'); weights trained on "
+              "the synthetic LIDC twin carry no accuracy claim on real CT.")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Settings of ``lungseg predict``."""
+
+    threshold: float = 0.5            # on the segmentation probability
+    min_volume_mm3: float = 14.0      # a 3 mm sphere: LIDC's smallest outlined nodules
+    overlap: float = 0.5              # of neighbouring windows, per axis
+    device: str = "auto"
+    precision: str = "auto"           # auto | fp32 | bf16
+
+    def __post_init__(self):
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if not 0 <= self.overlap < 1:
+            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+
+def sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Models:
+    """The two networks of a prediction, their checkpoints and preprocessing settings."""
+
+    seg: torch.nn.Module
+    cls: torch.nn.Module
+    preprocess: PreprocessConfig
+    checkpoints: dict[str, Any]
+    device: torch.device
+
+    @classmethod
+    def load(cls, seg_path, cls_path, device: str = "auto") -> "Models":
+        from .train import load_model
+
+        dev = resolve_device(device)
+        seg, seg_ckpt = load_model(seg_path, kind="seg")
+        clf, cls_ckpt = load_model(cls_path, kind="cls")
+        pre = seg_ckpt.get("preprocess") or {}
+        known = PreprocessConfig.__dataclass_fields__
+        config = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                     for k, v in pre.items() if k in known})
+        info = {name: {"path": str(p), "sha256": sha256(p), "arch": c["config"]["arch"], "epoch": c["epoch"],
+                       "trained_on": c.get("data", {})}
+                for name, p, c in (("seg", seg_path, seg_ckpt), ("cls", cls_path, cls_ckpt))}
+        return cls(seg.to(dev), clf.to(dev), config, info, dev)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return autocast_context(device, enabled=False)
+    if precision == "bf16":
+        return autocast_context(device, dtype=torch.bfloat16)
+    return autocast_context(device)
+
+
+def _gaussian_weights(shape) -> np.ndarray:
+    """Window weights that favour the centre (sigma = 1/8 of the window, as nnU-Net)."""
+    axes = [np.exp(-0.5 * ((np.arange(n) - (n - 1) / 2) / (n / 8)) ** 2) for n in shape]
+    w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    return np.maximum(w / w.max(), 1e-3).astype(np.float32)
+
+
+def _starts(length: int, size: int, overlap: float) -> list[int]:
+    if length <= size:
+        return [0]
+    step = max(1, int(size * (1 - overlap)))
+    n = math.ceil((length - size) / step) + 1
+    return [int(round(i * (length - size) / (n - 1))) for i in range(n)]
+
+
+@torch.no_grad()
+def sliding_window(model, image: np.ndarray, window_shape, *, region=None, overlap: float = 0.5,
+                   device=torch.device("cpu"), precision: str = "auto") -> np.ndarray:
+    """Sigmoid probabilities of a segmentation ``model`` over a (z, y, x) ``image``.
+
+    Windows of ``window_shape`` tile ``region`` (slices, default the whole
+    image, grown to at least one window) with the given ``overlap``; their
+    probabilities are blended with Gaussian weights. Outside the region: 0.
+    """
+    model.eval()
+    region = region or tuple(slice(0, n) for n in image.shape)
+    lo = [max(0, min(r.start, n - w)) if n >= w else r.start for r, n, w in zip(region, image.shape, window_shape)]
+    hi = [max(r.stop, l0 + w) for r, l0, w in zip(region, lo, window_shape)]
+    size = [h - l0 for h, l0 in zip(hi, lo)]
+    weights = _gaussian_weights(window_shape)
+    acc = np.zeros(size, np.float32)
+    norm = np.zeros(size, np.float32)
+    for z in _starts(size[0], window_shape[0], overlap):
+        for y in _starts(size[1], window_shape[1], overlap):
+            for x in _starts(size[2], window_shape[2], overlap):
+                start = (lo[0] + z, lo[1] + y, lo[2] + x)
+                patch = crop(image, start, window_shape)
+                with _autocast(device, precision):
+                    logits = model(torch.from_numpy(patch)[None, None].to(device))
+                prob = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
+                sl = tuple(slice(o, o + w) for o, w in zip((z, y, x), window_shape))
+                acc[sl] += prob * weights
+                norm[sl] += weights
+    out = np.zeros(image.shape, np.float32)
+    src = tuple(slice(max(0, -l0), min(s, n - l0)) for l0, s, n in zip(lo, size, image.shape))
+    dst = tuple(slice(max(0, l0), min(h, n)) for l0, h, n in zip(lo, hi, image.shape))
+    out[dst] = (acc / np.maximum(norm, 1e-6))[src]
+    return out
+
+
+def _to_original(array: np.ndarray, original_shape, spacing, model_spacing, order: int) -> np.ndarray:
+    """Resample a model-grid array back onto the original grid (inverse of :func:`resample`)."""
+    return resample(array, model_spacing, spacing, order=order, shape=original_shape)
+
+
+def _long_axis_mm(mask: np.ndarray, spacing) -> float:
+    """Longest in-plane chord of the mask over its slices, mm (as readers measure)."""
+    from scipy.spatial.distance import pdist
+
+    best = 0.0
+    for k in np.flatnonzero(mask.any(axis=(1, 2))):
+        pts = np.argwhere(mask[k]) * np.asarray(spacing[1:])
+        if len(pts) > 1:
+            if len(pts) > 400:       # the chord's ends lie on the outline
+                edge = mask[k] & ~ndimage.binary_erosion(mask[k])
+                pts = np.argwhere(edge) * np.asarray(spacing[1:])
+            best = max(best, float(pdist(pts).max()))
+    return best + float(np.mean(spacing[1:]))      # from pixel centres to pixel edges
+
+
+@dataclass
+class Prediction:
+    """Result of :func:`predict_volume`."""
+
+    nodules: list[dict[str, Any]]
+    labels: np.ndarray           # (z, y, x) uint16 on the original grid: nodule id, 0 background
+    lungs: np.ndarray            # (z, y, x) uint8 on the original grid
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def predict_volume(volume: CTVolume, models: Models, cfg: PredictConfig = PredictConfig()) -> Prediction:
+    """Segment and classify the nodules of one CT volume."""
+    timings = {}
+    t = time.perf_counter()
+    pre = models.preprocess
+    shape_r = resampled_shape(volume.shape, volume.spacing, pre.spacing)
+    hu_r = resample(volume.hu, volume.spacing, pre.spacing, shape=shape_r)
+    lungs_r = lung_mask(hu_r, pre.spacing, threshold=pre.lung_threshold_hu, closing_mm=pre.lung_closing_mm)
+    image_r = window(hu_r, *pre.window)
+    timings["preprocess_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    region = ndimage.find_objects(lungs_r.astype(np.uint8))
+    region = region[0] if region else None
+    if region is None:
+        log.warning("%s: no lungs found; segmenting the whole volume", volume.path)
+    probs_r = sliding_window(models.seg, image_r, pre.subcase_shape, region=region, overlap=cfg.overlap,
+                             device=models.device, precision=cfg.precision)
+    timings["segment_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    probs = _to_original(probs_r, volume.shape, volume.spacing, pre.spacing, order=1)
+    lungs = _to_original(lungs_r.astype(np.float32), volume.shape, volume.spacing, pre.spacing, order=1) >= 0.5
+    # Only voxels inside the lung mask count (paper A masks the parenchyma to cut false positives;
+    # the mask's closing keeps juxta-pleural nodules in).
+    components, n = ndimage.label((probs >= cfg.threshold) & lungs, structure=np.ones((3, 3, 3)))
+    voxel_mm3 = float(np.prod(volume.spacing))
+    labels = np.zeros(volume.shape, np.uint16)
+    kept = []
+    for i, box in enumerate(ndimage.find_objects(components), start=1):
+        comp = components[box] == i
+        volume_mm3 = comp.sum() * voxel_mm3
+        if volume_mm3 < cfg.min_volume_mm3:
+            continue
+        kept.append((box, comp))
+    timings["components_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    ratio = np.asarray(volume.spacing) / np.asarray(pre.spacing)
+    nodules = []
+    rois = []
+    for nid, (box, comp) in enumerate(kept, start=1):
+        labels[box][comp] = nid
+        idx = np.argwhere(comp) + [b.start for b in box]
+        centroid = idx.mean(axis=0)
+        volume_mm3 = float(len(idx) * voxel_mm3)
+        diameter = (6 * volume_mm3 / math.pi) ** (1 / 3)
+        c_r = centroid * ratio
+        start = tuple(int(v) for v in np.round(c_r - (np.asarray(pre.roi_shape) - 1) / 2))
+        rois.append(crop(image_r, start, pre.roi_shape))
+        nodules.append({
+            "id": nid,
+            "centroid_voxel_zyx": [round(float(v), 2) for v in centroid],
+            "centroid_world_lps_mm": [round(float(v), 2) for v in volume.voxel_to_world(centroid)],
+            "long_axis_mm": round(_long_axis_mm(comp, volume.spacing), 2),
+            "diameter_mm": round(diameter, 2),
+            "volume_mm3": round(volume_mm3, 1),
+            "mean_hu": round(float(volume.hu[box][comp].mean()), 1),
+            "size_category": SIZE_CATEGORIES[size_category(diameter)][1],
+            "segmentation_confidence": round(float(probs[box][comp].mean()), 4),
+        })
+    if rois:
+        x = torch.from_numpy(np.stack(rois)[:, None]).to(models.device)
+        models.cls.eval()
+        with torch.no_grad(), _autocast(models.device, cfg.precision):
+            logits = models.cls(x)
+        p = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+        for row, prob in zip(nodules, p):
+            row["malignancy_probability"] = round(float(prob), 4)
+    timings["classify_s"] = time.perf_counter() - t
+    return Prediction(nodules, labels, lungs.astype(np.uint8), {k: round(v, 3) for k, v in timings.items()})
+
+
+CSV_COLUMNS = ["id", "centroid_z", "centroid_y", "centroid_x", "world_x_mm", "world_y_mm", "world_z_mm",
+               "long_axis_mm", "diameter_mm", "volume_mm3", "mean_hu", "size_category",
+               "malignancy_probability", "segmentation_confidence"]
+
+
+def _csv_row(n: dict) -> dict:
+    z, y, x = n["centroid_voxel_zyx"]
+    wx, wy, wz = n["centroid_world_lps_mm"]
+    return {**{k: n.get(k) for k in CSV_COLUMNS if k in n}, "centroid_z": z, "centroid_y": y, "centroid_x": x,
+            "world_x_mm": wx, "world_y_mm": wy, "world_z_mm": wz}
+
+
+def nodule_png(volume: CTVolume, labels: np.ndarray, nodule: dict, path: Path) -> None:
+    """Axial, coronal and sagittal views through the nodule's centroid, with its outline."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    z, y, x = (int(round(v)) for v in nodule["centroid_voxel_zyx"])
+    dz, dy, dx = volume.spacing
+    mask = labels == nodule["id"]
+    img = np.clip((volume.hu.astype(np.float32) + 1000) / 1400, 0, 1)
+    views = [("axial", img[z], mask[z], dy / dx), ("coronal", img[:, y, :], mask[:, y, :], dz / dx),
+             ("sagittal", img[:, :, x], mask[:, :, x], dz / dy)]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    for ax, (name, im, m, aspect) in zip(axes, views):
+        ax.imshow(im, cmap="gray", aspect=aspect, origin="upper" if name == "axial" else "lower")
+        if m.any():
+            ax.contour(m, [0.5], colors="red", linewidths=1)
+        ax.set_title(name)
+        ax.axis("off")
+    fig.suptitle(f"nodule {nodule['id']}: {nodule['diameter_mm']:.1f} mm ({nodule['size_category']}), "
+                 f"malignancy {nodule.get('malignancy_probability', float('nan')):.2f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+
+
+def write_report(out: Path, volume: CTVolume, pred: Prediction, models: Models, cfg: PredictConfig) -> Path:
+    """Write a series' report folder; ``nodules.json`` last, so it marks a complete report."""
+    out.mkdir(parents=True, exist_ok=True)
+    done = out / "nodules.json"
+    if done.exists():
+        done.unlink()
+    t = time.perf_counter()
+    write_nifti(pred.labels, volume, out / "nodules.nii.gz", dtype=np.uint16)
+    write_nifti(pred.lungs, volume, out / "lungs.nii.gz", dtype=np.uint8)
+    for n in pred.nodules:
+        nodule_png(volume, pred.labels, n, out / f"nodule_{n['id']:03d}.png")
+    with open(out / "nodules.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        w.writerows(_csv_row(n) for n in pred.nodules)
+    timings = {**pred.timings, "write_s": round(time.perf_counter() - t, 3)}
+    report = {
+        "lungseg_version": __version__,
+        "source": volume.path,
+        "patient_id": volume.patient_id,
+        "study_uid": volume.study_uid,
+        "series_uid": volume.series_uid,
+        "shape_zyx": list(volume.shape),
+        "spacing_zyx_mm": list(volume.spacing),
+        "frames": {"centroid_voxel_zyx": "voxel indices (slice, row, column) of the source series",
+                   "centroid_world_lps_mm": "DICOM patient coordinates (LPS), mm",
+                   "masks": "nodules.nii.gz / lungs.nii.gz on the source grid, NIfTI RAS affine"},
+        "checkpoints": models.checkpoints,
+        "settings": {"threshold": cfg.threshold, "min_volume_mm3": cfg.min_volume_mm3,
+                     "overlap": cfg.overlap, "device": str(models.device), "precision": cfg.precision},
+        "timings_s": timings,
+        "disclaimer": DISCLAIMER,
+        "n_nodules": len(pred.nodules),
+        "nodules": pred.nodules,
+    }
+    tmp = out / ".nodules.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, done)
+    return done
+
+
+@dataclass(frozen=True)
+class SeriesJob:
+    """One input series: a DICOM folder (with its series UID) or a NIfTI file."""
+
+    path: Path
+    series_uid: str | None
+    name: str
+
+
+def find_inputs(source: str | os.PathLike) -> list[SeriesJob]:
+    """The series under ``source``: a NIfTI file, or every CT series in a DICOM folder tree."""
+    source = Path(source)
+    if source.is_file():
+        if not source.name.endswith((".nii", ".nii.gz")):
+            raise LungsegError(f"{source}: expected a DICOM folder or a .nii/.nii.gz file")
+        return [SeriesJob(source, None, source.name.split(".")[0])]
+    series = [s for s in find_series(source) if s.modality == "CT"]
+    if not series:
+        raise LungsegError(f"{source}: no CT series found in this folder or below it")
+    return [SeriesJob(Path(s.folder), s.series_uid, s.series_uid) for s in series]
+
+
+def predict(source: str | os.PathLike, seg: str | os.PathLike, cls: str | os.PathLike, out: str | os.PathLike,
+            cfg: PredictConfig = PredictConfig()) -> Iterator[tuple[SeriesJob, str, Any]]:
+    """Predict every series under ``source`` into ``out/<series>/``; yields (job, status, detail).
+
+    ``status`` is 'done' (detail: the report path), 'skipped' (a complete
+    report exists) or 'failed' (detail: the error message).
+    """
+    jobs = find_inputs(source)
+    models = Models.load(seg, cls, cfg.device)
+    out = Path(out)
+    for job in jobs:
+        folder = out / job.name
+        if (folder / "nodules.json").exists():
+            yield job, "skipped", folder / "nodules.json"
+            continue
+        try:
+            t = time.perf_counter()
+            volume = read_nifti_volume(job.path) if job.series_uid is None else read_series(job.path, job.series_uid)
+            load_s = time.perf_counter() - t
+            pred = predict_volume(volume, models, cfg)
+            pred.timings = {"load_s": round(load_s, 3), **pred.timings}
+            yield job, "done", write_report(folder, volume, pred, models, cfg)
+        except LungsegError as exc:
+            yield job, "failed", str(exc)

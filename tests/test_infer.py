@@ -1,0 +1,138 @@
+"""infer.py: whole-scan prediction, the report and its masks, resume over a tree, bad input."""
+
+import csv
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lungseg import dicomio, infer
+from lungseg.errors import DicomError, LungsegError
+from lungseg.preprocess import PreprocessConfig
+
+
+class SoftTissue(torch.nn.Module):
+    """A stand-in segmenter: logits high where the windowed image is soft tissue (about 0 HU and above)."""
+
+    def forward(self, x):
+        return 60.0 * (x - 0.69)
+
+
+class Constant(torch.nn.Module):
+    def forward(self, x):
+        return torch.tensor([[0.0, 1.0]]).repeat(x.shape[0], 1)
+
+
+@pytest.fixture
+def models():
+    pre = PreprocessConfig(subcase_shape=(16, 64, 64), roi_shape=(8, 16, 16))
+    return infer.Models(SoftTissue(), Constant(), pre, {"seg": {"sha256": "x"}, "cls": {"sha256": "y"}},
+                        torch.device("cpu"))
+
+
+@pytest.fixture
+def volume(tiny_lidc):
+    root, _ = tiny_lidc
+    return dicomio.read_series(root / "LIDC-IDRI-9001")
+
+
+def test_predict_volume_finds_the_nodule_inside_the_lungs(volume, models):
+    pred = infer.predict_volume(volume, models)
+    assert pred.labels.shape == volume.shape and pred.lungs.shape == volume.shape
+    # The phantom's juxta-pleural 15 mm nodule at voxel (12, 46, 18); the vessel at (., 46, 28) runs
+    # through all slices. Body soft tissue outside the lungs is dropped.
+    found = [n for n in pred.nodules if np.allclose(n["centroid_voxel_zyx"], [12, 46, 18], atol=1.5)]
+    assert len(found) == 1
+    n = found[0]
+    assert 12 < n["diameter_mm"] < 19 and n["size_category"] == "nodule"
+    assert n["mean_hu"] > -100 and 0 < n["segmentation_confidence"] <= 1
+    assert n["malignancy_probability"] == pytest.approx(1 / (1 + np.exp(-1)), abs=1e-3)
+    assert n["long_axis_mm"] >= n["diameter_mm"] * 0.9
+    for other in pred.nodules:
+        z, y, x = (int(round(v)) for v in other["centroid_voxel_zyx"])
+        assert pred.lungs[z, y, x] or (pred.labels == other["id"]).sum() > 0
+    assert not pred.labels[:, 90:93].any()                        # the table is not a nodule
+
+
+def test_report_fields_and_masks_overlay_the_source(volume, models, tmp_path):
+    pred = infer.predict_volume(volume, models)
+    done = infer.write_report(tmp_path / "r", volume, pred, models, infer.PredictConfig())
+    report = json.loads(done.read_text())
+    for key in ("lungseg_version", "series_uid", "checkpoints", "timings_s", "disclaimer", "frames", "nodules"):
+        assert key in report
+    assert report["n_nodules"] == len(pred.nodules) > 0
+    fields = {"id", "centroid_voxel_zyx", "centroid_world_lps_mm", "long_axis_mm", "diameter_mm", "volume_mm3",
+              "mean_hu", "size_category", "malignancy_probability", "segmentation_confidence"}
+    assert all(fields <= set(n) for n in report["nodules"])
+    rows = list(csv.DictReader(open(tmp_path / "r" / "nodules.csv")))
+    assert len(rows) == report["n_nodules"] and float(rows[0]["diameter_mm"]) == report["nodules"][0]["diameter_mm"]
+    assert len(list((tmp_path / "r").glob("nodule_*.png"))) == report["n_nodules"]
+    # Round trip: the mask's voxels, through the NIfTI's RAS affine, land where the report says (LPS).
+    image = nib.load(tmp_path / "r" / "nodules.nii.gz")
+    labels = np.asarray(image.dataobj)                             # (x, y, z)
+    for n in report["nodules"]:
+        ijk = np.argwhere(labels == n["id"]).mean(axis=0)
+        ras = image.affine @ np.r_[ijk, 1.0]
+        lps = ras[:3] * [-1, -1, 1]
+        np.testing.assert_allclose(lps, n["centroid_world_lps_mm"], atol=0.02)
+        np.testing.assert_allclose(ijk[::-1], n["centroid_voxel_zyx"], atol=0.01)
+    lungs = nib.load(tmp_path / "r" / "lungs.nii.gz")
+    np.testing.assert_allclose(lungs.affine, image.affine)
+    assert lungs.header.get_qform(coded=True)[1] == 1 and lungs.header.get_sform(coded=True)[1] == 1
+
+
+def test_nifti_input_gives_the_same_nodules(volume, models, tmp_path):
+    path = tmp_path / "scan.nii.gz"
+    dicomio.write_nifti(volume.hu, volume, path, dtype=np.int16)
+    again = dicomio.read_nifti_volume(path)
+    a = infer.predict_volume(volume, models).nodules
+    b = infer.predict_volume(again, models).nodules
+    assert [n["centroid_world_lps_mm"] for n in a] == [n["centroid_world_lps_mm"] for n in b]
+
+
+def test_predict_over_a_tree_resumes_and_reports_failures(tiny_trained, tmp_path):
+    root = tmp_path / "tree"
+    shutil.copytree(tiny_trained["root"], root)
+    out = tmp_path / "out"
+    runs = list(infer.predict(root, tiny_trained["seg"], tiny_trained["cls"], out))
+    assert [s for _, s, _ in runs] == ["done"] * 3
+    assert all((out / job.name / "nodules.json").is_file() for job, _, _ in runs)
+    again = list(infer.predict(root, tiny_trained["seg"], tiny_trained["cls"], out))
+    assert [s for _, s, _ in again] == ["skipped"] * 3
+    (out / runs[1][0].name / "nodules.json").unlink()              # a report left half done
+    broken = runs[2][0].path
+    sorted(broken.iterdir())[5].unlink()                            # a missing slice in another series
+    third = list(infer.predict(root, tiny_trained["seg"], tiny_trained["cls"], out))
+    assert [s for _, s, _ in third] == ["skipped", "done", "skipped"]
+    shutil.rmtree(out / runs[2][0].name)
+    fourth = list(infer.predict(root, tiny_trained["seg"], tiny_trained["cls"], out))
+    assert fourth[2][1] == "failed" and "missing slice" in fourth[2][2]
+    assert not (out / runs[2][0].name / "nodules.json").exists()
+    report = json.loads((out / runs[0][0].name / "nodules.json").read_text())
+    assert report["checkpoints"]["seg"]["sha256"] == infer.sha256(tiny_trained["seg"])
+
+
+def test_bad_input_is_refused_in_one_line(tiny_trained, tmp_path):
+    from cli import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LungsegError, match="no CT series"):
+        infer.find_inputs(empty)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(LungsegError, match="expected a DICOM folder or a .nii"):
+        infer.find_inputs(tmp_path / "notes.txt")
+    mri = tmp_path / "mri.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((8, 8, 8), 300, np.int16), np.eye(4)), mri)
+    with pytest.raises(DicomError, match="do not look like Hounsfield"):
+        dicomio.read_nifti_volume(mri)
+    result = CliRunner().invoke(main, ["predict", str(empty), "--seg", str(tiny_trained["seg"]),
+                                       "--cls", str(tiny_trained["cls"]), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "no CT series" in result.output
+    swapped = CliRunner().invoke(main, ["predict", str(tiny_trained["root"]), "--seg", str(tiny_trained["cls"]),
+                                        "--cls", str(tiny_trained["seg"]), "--out", str(tmp_path / "o")])
+    assert swapped.exit_code == 1 and "expected a seg checkpoint" in swapped.output
