@@ -180,7 +180,7 @@ def manifest(out, seed, fractions):
 
 def _common_train_options(Config):
     """Options shared by train-seg and train-cls (each maps onto a field of ``Config``)."""
-    paper = f"[default: paper A's %s]"
+    paper = "[default: paper A's %s]"
     options = [
         click.option("--cache", "cache_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      required=True, help="HDF5 cache from lungseg preprocess."),

@@ -8,7 +8,7 @@ default ``../shared/data/lidc``) and the twin through lungseg's own LIDC path
 (:func:`lungseg.preprocess.preprocess_scan` with the real annotation database),
 and prints, for each: the lung volume lungseg measures, the fractions of voxels
 in five HU classes, and the mean HU inside the readers' consensus mask of each
-nodule, with the ratios twin / real. The issue's bar: lung volume within 25 %,
+nodule, with the ratios twin / real. The realism bar: lung volume within 25 %,
 each fraction within a factor of 1.5, nodule mean HU within 150 HU.
 
 It also writes a PNG: three axial slices (low, the nodule's, high) and a

@@ -132,7 +132,7 @@ def tiny_lidc(tmp_path_factory):
 def tiny_trained(tiny_lidc, tmp_path_factory):
     """The tiny LIDC preprocessed (small sub-cases and ROIs) and one-epoch seg and cls checkpoints.
 
-    Returns a dict: lidc root, db, cache, split file (9001 train, 9002 val, 9003 test... all listed), seg, cls.
+    Returns a dict: lidc root, db, cache, split file (9001 train, 9002 val, 9003 test), seg, cls.
     """
     from lungseg import lidc, train
     from lungseg.preprocess import PreprocessConfig, preprocess_dataset, select_scans

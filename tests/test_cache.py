@@ -1,6 +1,5 @@
 """cache.py: atomic per-scan writes, resume, versioning, and survival of a kill at any moment."""
 
-import json
 import os
 import signal
 import subprocess

@@ -22,6 +22,7 @@ def test_report_has_the_paper_tables_with_plain_keys(tiny_trained, all_test, tmp
     report = evaluate.evaluate(tiny_trained["cache"], seg=tiny_trained["seg"], cls=tiny_trained["cls"],
                                out=tmp_path, split="test", split_file=all_test, n_bootstrap=50)
     saved = json.loads((tmp_path / "evaluation.json").read_text())
+    assert saved["classification"]["auc"] == pytest.approx(report["classification"]["auc"], nan_ok=True)
     assert saved["data"]["split"] == "test" and saved["protocol"] == "nodule" and saved["data"]["n_scans"] == 3
     table = saved["segmentation"]["per_size_category"]
     assert list(table) == ["micro", "small", "nodule", "mass", "all"]
