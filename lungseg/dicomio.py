@@ -612,6 +612,12 @@ def _one_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- NIfTI
 
 
+#: Column i holds the (z, y, x) index unit of NIfTI axis i (NIfTI indexes x, y, z).
+_ZYX_FROM_XYZ = np.eye(4)[:, [2, 1, 0, 3]]
+#: DICOM's LPS world to NIfTI's RAS world.
+_RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
 def nifti_affine(volume: CTVolume) -> np.ndarray:
     """4x4 RAS affine for an array stored as NIfTI (x, y, z) over ``volume``.
 
@@ -619,9 +625,7 @@ def nifti_affine(volume: CTVolume) -> np.ndarray:
     of (z, y, x) indices gets its index columns permuted and its first two world
     rows negated (L -> R, P -> A).
     """
-    zyx_from_xyz = np.eye(4)[:, [2, 1, 0, 3]]  # column i holds the (z, y, x) index unit of NIfTI axis i
-    ras_from_lps = np.diag([-1.0, -1.0, 1.0, 1.0])
-    return ras_from_lps @ volume.affine_lps() @ zyx_from_xyz
+    return _RAS_FROM_LPS @ volume.affine_lps() @ _ZYX_FROM_XYZ
 
 
 def write_nifti(
@@ -761,9 +765,7 @@ def read_nifti_volume(path: str | os.PathLike) -> CTVolume:
         data, affine_ras = read_nifti_mask(path)
     except (OSError, ValueError) as exc:
         raise DicomError(f"{path}: cannot read as a 3D NIfTI image ({_one_line(exc)})") from None
-    zyx_from_xyz = np.eye(4)[:, [2, 1, 0, 3]]
-    ras_from_lps = np.diag([-1.0, -1.0, 1.0, 1.0])
-    affine_lps = np.linalg.inv(ras_from_lps) @ affine_ras @ np.linalg.inv(zyx_from_xyz)
+    affine_lps = np.linalg.inv(_RAS_FROM_LPS) @ affine_ras @ np.linalg.inv(_ZYX_FROM_XYZ)
     spacing = np.linalg.norm(affine_lps[:3, :3], axis=0)
     if np.any(spacing <= 0):
         raise DicomError(f"{path}: the NIfTI affine has a zero voxel size")
