@@ -149,6 +149,96 @@ def info(cache_file, as_json):
         click.echo(cache.format_summary(summary))
 
 
+@main.command("import-crops")
+@click.argument("crop_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="HDF5 cache to write (a rerun adds the missing crops).")
+@click.option("--spacing", type=_triple(float), default=(3.0, 1.5, 1.5), show_default=True,
+              help="Resampled voxel size z y x, mm.")
+@click.option("--window", type=(float, float), default=(-1000.0, 400.0), show_default=True,
+              help="HU window mapped to 0..1.")
+@click.option("--roi-shape", type=_triple(int), default=(16, 48, 48), show_default=True,
+              help="ROI around each nodule (also the segmentation patch).")
+@click.option("--pad-hu", type=float, default=-1000.0, show_default=True,
+              help="HU of the ROI beyond the crop's edge (air).")
+@click.option("--indeterminate", type=click.Choice(["excluded", "benign", "malignant"]), default="excluded",
+              show_default=True, help="Label of a nodule whose majority malignancy is 3.")
+def import_crops(crop_dir, out, spacing, window, roi_shape, pad_hu, indeterminate):
+    """Import a folder of nodule crops (image/, mask/, nodules.csv) into an HDF5 cache.
+
+    Each crop becomes one cache entry: its ROI at the model spacing, centred on
+    the nodule and padded with air beyond the crop, its mask, label and size
+    category. Missing or unreadable files are reported and skipped.
+    """
+    from lungseg import cache
+    from lungseg.crops import CropConfig, find_crops, import_crops as run
+
+    try:
+        cfg = CropConfig(spacing=spacing, window=window, roi_shape=roi_shape, pad_hu=pad_hu,
+                         indeterminate=indeterminate)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    items, problems = find_crops(crop_dir)
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    with click.progressbar(length=len(items), label=f"import {len(items)} crops", file=sys.stderr,
+                           item_show_func=lambda r: r and f"{r.name} {r.status}") as bar:
+        for result in run(crop_dir, out, cfg, items=items):
+            counts[result.status] += 1
+            if result.status == "failed":
+                problems.append(result.message)
+            bar.update(1, result)
+    click.echo(f"{counts['done']} crops written, {counts['skipped']} already cached, "
+               f"{counts['failed']} failed, {len(problems)} problem(s) reported")
+    for p in problems:
+        click.echo(f"  {p}", err=True)
+    with cache.Cache(out) as c:
+        click.echo(cache.format_summary(c.summary(), per_scan=False))
+
+
+@main.command()
+@click.argument("cache_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--k", type=click.IntRange(min=2), default=5, show_default=True, help="Number of folds.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("data_manifests"),
+              show_default=True, help="Folder for the CSV files.")
+@click.option("--name", default="nodules", show_default=True, help="File name prefix.")
+def folds(cache_file, k, seed, out, name):
+    """Seeded patient-level k-fold cross-validation over a cache, as split files.
+
+    Writes NAME_folds{K}_seed{SEED}.csv (patient_id, fold, nodules), one split
+    file per fold (_fold{i}.csv: fold i is 'test', the rest 'train') and _all.csv
+    (every patient 'train', for the final model).
+    """
+    from lungseg import cache, lidc
+    from lungseg.crops import fold_split, patient_folds
+
+    patients, labelled = [], []
+    with cache.Cache(cache_file) as c:
+        for uid in c.series_uids:
+            pid = str(c.scan(uid).attrs["patient_id"])
+            for lab in c.nodule_table(uid).get("label", []):
+                patients.append(pid)
+                labelled.append(int(lab) >= 0)
+    assignment = patient_folds(patients, labelled, k=k, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}_folds{k}_seed{seed}"
+    counts = {p: [0, 0] for p in assignment}
+    for p, lab in zip(patients, labelled):
+        counts[p][0] += 1
+        counts[p][1] += lab
+    lidc.write_csv(out / f"{stem}.csv", [{"patient_id": p, "fold": f, "nodules": counts[p][0],
+                                         "labelled": counts[p][1]} for p, f in sorted(assignment.items())])
+    for i in [*range(k), None]:
+        split = fold_split(assignment, i)
+        lidc.write_csv(out / f"{stem}_{'all' if i is None else f'fold{i}'}.csv",
+                       [{"patient_id": p, "split": s} for p, s in split.items()])
+    for i in range(k):
+        members = [p for p, f in assignment.items() if f == i]
+        click.echo(f"fold {i}: {len(members)} patients, {sum(counts[p][0] for p in members)} nodules, "
+                   f"{sum(counts[p][1] for p in members)} labelled")
+    click.echo(f"wrote {out / stem}.csv, {stem}_fold0..{k - 1}.csv and {stem}_all.csv")
+
+
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("data_manifests"),
               show_default=True, help="Folder for the CSV files.")
@@ -194,6 +284,9 @@ def _common_train_options(Config):
         click.option("--lr-milestones", type=str, default=None,
                      help="Comma-separated epochs where the learning rate drops 10x "
                           f"[default: {','.join(map(str, Config.lr_milestones)) or 'none'}]."),
+        click.option("--preset", type=click.Choice(["paper", "cpu"]), default="paper", show_default=True,
+                     help="paper: paper A's settings; cpu: a smaller network and fewer epochs "
+                          "(lungseg.configs.PRESETS). Options given explicitly override the preset."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--augment/--no-augment", default=True, show_default=True,
                      help="Random flips and in-plane quarter turns."),
@@ -218,8 +311,11 @@ def _common_train_options(Config):
 
 
 def _train_config(Config, options: dict):
-    """A frozen config from CLI options; None means the paper's default."""
+    """A frozen config from CLI options; None means the preset's (by default the paper's) value."""
+    from lungseg.configs import make_config
+
     fields = dict(options)
+    preset = fields.pop("preset")
     fields["compile"] = fields.pop("compile_")
     if fields.get("lr_milestones") is not None:
         try:
@@ -229,7 +325,7 @@ def _train_config(Config, options: dict):
                                      param_hint="--lr-milestones") from None
     fields = {k: v for k, v in fields.items() if v is not None}
     try:
-        return Config(**fields)
+        return make_config("seg" if Config is SegConfig else "cls", preset, **fields)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
 
@@ -249,29 +345,35 @@ def _run_training(kind: str, cfg, cache_path: Path, out: Path, resume: bool) -> 
 
     def on_epoch_end(r):
         bar["bar"].__exit__(None, None, None)
-        metric = (f"dice {r['dice']:.4f}" if kind == "seg"
-                  else f"auc {r['auc']:.4f} accuracy {r['accuracy']:.4f}")
+        if "val_loss" not in r:
+            metric = "no validation"
+        else:
+            metric = f"val loss {r['val_loss']:.4f}  " + (
+                f"dice {r['dice']:.4f}" if kind == "seg" else f"auc {r['auc']:.4f} accuracy {r['accuracy']:.4f}")
         click.echo(f"epoch {r['epoch']:3d}  lr {r['lr']:.0e}  train loss {r['train_loss']:.4f} ({r['loss_kind']})"
-                   f"  val loss {r['val_loss']:.4f}  {metric}  {r['seconds']:.1f}s{'  *best' if r['best'] else ''}")
+                   f"  {metric}  {r['seconds']:.1f}s{'  *best' if r['best'] else ''}")
 
     summary = train.fit(kind, cfg, cache_path, out, resume=resume,
                         callbacks=train.Callbacks(on_epoch_start, on_batch, on_epoch_end))
-    click.echo(f"{summary['epochs_run']} epochs run; best validation {summary['metric']} "
-               f"{summary['best_metric']:.4f}; checkpoints {summary['best']} and {summary['last']}")
+    if summary["best"] is None:
+        click.echo(f"{summary['epochs_run']} epochs run without validation; the model is {summary['last']}")
+    else:
+        click.echo(f"{summary['epochs_run']} epochs run; best validation {summary['metric']} "
+                   f"{summary['best_metric']:.4f}; checkpoints {summary['best']} and {summary['last']}")
 
 
 @main.command("train-seg")
 @_common_train_options(SegConfig)
 @click.option("--arch", type=click.Choice(["resunet3d", "unet3d"]), default="resunet3d", show_default=True)
-@click.option("--widths", type=str, default="8,16,32,64,128", show_default=True,
-              help="Encoder channels per stage, then the bottleneck's.")
+@click.option("--widths", type=str, default=None,
+              help="Encoder channels per stage, then the bottleneck's [default: paper A's 8,16,32,64,128].")
 @click.option("--loss", type=click.Choice(["paper", "dice", "bce", "dice+bce"]), default="paper",
               show_default=True, help="paper: BCE for --switch-epoch epochs, then Dice.")
 @click.option("--switch-epoch", type=click.IntRange(min=0), default=3, show_default=True)
 def train_seg(cache_path, out, resume, widths, **options):
     """Train the 3D Res U-Net (or the plain 3D U-Net) on the cache's sub-cases."""
     try:
-        options["widths"] = tuple(int(w) for w in widths.split(","))
+        options["widths"] = tuple(int(w) for w in widths.split(",")) if widths else None
     except ValueError:
         raise click.BadParameter("use comma-separated integers", param_hint="--widths") from None
     _run_training("seg", _train_config(SegConfig, options), cache_path, out, resume)
@@ -281,8 +383,8 @@ def train_seg(cache_path, out, resume, widths, **options):
 @_common_train_options(ClsConfig)
 @click.option("--arch", type=click.Choice(["resnet3d50", "resnet3d50_plain", "resnet2d50"]),
               default="resnet3d50", show_default=True)
-@click.option("--width", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Channels of the first stage (ResNet50: 64).")
+@click.option("--width", type=click.IntRange(min=1), default=None,
+              help="Channels of the first stage [default: ResNet50's 64].")
 @click.option("--balance", is_flag=True, help="Draw benign and malignant nodules equally often.")
 def train_cls(cache_path, out, resume, **options):
     """Train the 3D ResNet50 (or a Table 5 baseline) on the cache's nodule ROIs."""

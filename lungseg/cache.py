@@ -282,8 +282,11 @@ class Cache:
                     "volume_mm3": round(float(table["volume_mm3"][i]), 1),
                     "mean_hu": round(float(table["mean_hu"][i]), 1),
                     "n_readers": n,
-                    "ratings": [dict(zip(CHARACTERISTICS, map(int, r))) for r in table["ratings"][i][:n]],
+                    "ratings": [dict(zip(CHARACTERISTICS, map(int, r))) for r in table["ratings"][i][:n]
+                                if (r >= 0).any()],
                     "malignancy_median": float(table["malignancy_median"][i]),
+                    **({"ratings_majority": dict(zip(CHARACTERISTICS, map(int, table["ratings_majority"][i])))}
+                       if "ratings_majority" in table else {}),
                     "label": label,
                     "size_category": cat,
                     "centroid_world_lps_mm": [round(float(v), 2) for v in table["centroid_world"][i]],
@@ -324,7 +327,8 @@ def format_summary(summary: Mapping[str, Any], *, per_scan: bool = True) -> str:
                 f"  {len(s['nodules'])} nodules  {s['series_uid']}"
             )
             for n in s["nodules"]:
-                mal = ",".join(str(r["malignancy"]) for r in n["ratings"])
+                mal = ",".join(str(r["malignancy"]) for r in n["ratings"]) or \
+                    f"{n.get('ratings_majority', {}).get('malignancy', '?')} (majority)"
                 lines.append(
                     f"  nodule {n['index']}: {n['diameter_mm']:.1f} mm ({n['size_category']}), "
                     f"{n['volume_mm3']:.0f} mm3, mean {n['mean_hu']:.0f} HU, "

@@ -752,13 +752,16 @@ def write_series(
     return paths
 
 
-def read_nifti_volume(path: str | os.PathLike) -> CTVolume:
+def read_nifti_volume(path: str | os.PathLike, *, min_hu_below: float | None = -500.0) -> CTVolume:
     """Read a 3D NIfTI CT image in Hounsfield units as a :class:`CTVolume`.
 
     The NIfTI (x, y, z) RAS affine is turned back into lungseg's (z, y, x) LPS
     geometry (the inverse of :func:`nifti_affine`). Refuses images that are not
     3D, whose affine is not a rotation times spacing, or whose values do not
-    look like HU (no voxel below -500: air is about -1000 HU).
+    look like HU: no voxel below ``min_hu_below`` (a chest CT holds air, about
+    -1000 HU), or, whatever ``min_hu_below``, no voxel below 0 (raw stored
+    values without the rescale). Pass ``None`` for tight crops that may hold
+    no air.
     """
     path = Path(path)
     try:
@@ -772,9 +775,10 @@ def read_nifti_volume(path: str | os.PathLike) -> CTVolume:
     direction = affine_lps[:3, :3] / spacing
     if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
         raise DicomError(f"{path}: the NIfTI affine is sheared; resample it to an orthogonal grid first")
-    if data.size == 0 or float(np.min(data)) > -500:
+    low = float(np.min(data)) if data.size else 0.0
+    if data.size == 0 or (low >= 0 if min_hu_below is None else low > min_hu_below):
         raise DicomError(f"{path}: values do not look like Hounsfield units (minimum "
-                         f"{float(np.min(data)) if data.size else 'n/a'}; air should be about -1000)")
+                         f"{low if data.size else 'n/a'}; air should be about -1000)")
     hu = np.clip(np.round(data), _INT16_MIN, _INT16_MAX).astype(np.int16)
     normal = direction[:, 0]
     origin = affine_lps[:3, 3]

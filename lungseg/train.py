@@ -268,12 +268,17 @@ def fit(kind: str, cfg: SegConfig | ClsConfig, cache_path: str | os.PathLike, ou
     Data = SubcaseDataset if kind == "seg" else RoiDataset
     train_ds = Data(cache, uids["train"], augment=cfg.augment, seed=cfg.seed)
     val_ds = Data(cache, uids["val"], augment=False, seed=cfg.seed)
-    for name, ds in (("train", train_ds), ("val", val_ds)):
-        if len(ds) == 0:
-            raise TrainingError(f"{cache_path}: the {name} split of {cfg.split_file} has no "
-                                f"{'sub-cases' if kind == 'seg' else 'labelled nodules'}")
+    items = "sub-cases" if kind == "seg" else "labelled nodules"
+    if len(train_ds) == 0:
+        raise TrainingError(f"{cache_path}: the train split of {cfg.split_file} has no {items}")
+    validate = len(val_ds) > 0
+    if not validate:
+        if any(v == "val" for v in split.values()):
+            raise TrainingError(f"{cache_path}: the val split of {cfg.split_file} has no {items}")
+        log.warning("%s has no val split: training for a fixed %d epochs without validation; "
+                    "last.pt is the model", cfg.split_file, cfg.epochs)
     metric_name = "dice" if kind == "seg" else "auc"
-    if kind == "cls" and len(set(val_ds.labels.tolist())) < 2:
+    if kind == "cls" and validate and len(set(val_ds.labels.tolist())) < 2:
         metric_name = "accuracy"
         log.warning("the validation split holds one class only: choosing the best epoch by accuracy, not AUC")
 
@@ -331,12 +336,14 @@ def fit(kind: str, cfg: SegConfig | ClsConfig, cache_path: str | os.PathLike, ou
                                      precision=cfg.precision, scaler=scaler, grad_clip=cfg.grad_clip,
                                      max_batches=cfg.max_batches, on_batch=cb.on_batch)
         scheduler.step()
-        if kind == "seg":
+        if not validate:
+            scores = {}
+        elif kind == "seg":
             scores = validate_seg(model, val_loader, loss_fn, device=device, precision=cfg.precision,
                                   threshold=cfg.threshold)
         else:
             scores = validate_cls(model, val_loader, device=device, precision=cfg.precision)
-        value = scores[metric_name]
+        value = scores.get(metric_name, math.nan)
         improved = not math.isnan(value) and value > best
         if improved:
             best = value
@@ -393,11 +400,12 @@ def plot_curves(log_path: Path, png: Path, metric_name: str) -> None:
     epochs = [r["epoch"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
     ax1.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
-    ax1.plot(epochs, [r["val_loss"] for r in rows], "o-", label="validation")
+    if any("val_loss" in r for r in rows):
+        ax1.plot(epochs, [r.get("val_loss", math.nan) for r in rows], "o-", label="validation")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("loss")
     ax1.legend()
-    ax2.plot(epochs, [r[metric_name] for r in rows], "o-", color="C2")
+    ax2.plot(epochs, [r.get(metric_name, math.nan) for r in rows], "o-", color="C2")
     ax2.set_xlabel("epoch")
     ax2.set_ylabel(f"validation {metric_name}")
     ax2.set_ylim(0, 1)

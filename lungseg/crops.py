@@ -1,0 +1,360 @@
+"""Import a folder of nodule crops into the cache, for the real-nodule benchmark.
+
+A crop folder holds tight HU boxes around single nodules, as
+``../shared/data/nodules`` does::
+
+    image/<patient_id>_R_<nodule_id>.nii.gz   int16 HU crop
+    mask/<same name>                          binary consensus mask, same grid
+    nodules.csv                               one row per nodule: patient_id,
+                                              nodule_id, Malignancy_value (1-5),
+                                              the other ``*_value`` ratings,
+                                              len_mal_details (readers), ...
+
+Each crop becomes one entry of the usual cache (schema of :mod:`lungseg.cache`,
+entry key = the crop's file name without suffix), so ``train-seg``,
+``train-cls`` and ``evaluate`` read it unchanged:
+
+- The ROI (default 16 x 48 x 48 voxels at 3 x 1.5 x 1.5 mm, the classifier's
+  input) is sampled trilinearly from the crop, with the mask's centroid on
+  ROI voxel (8, 24, 24).
+- A crop voxel covers half a voxel either side of its centre; ROI samples in
+  that margin take the edge value. Where the ROI reaches further than the
+  crop (always: a median crop is about 31 x 31 x 10 mm, the ROI
+  72 x 72 x 48 mm) it is filled with air, ``pad_hu`` = -1000 HU, i.e. 0 after
+  the lung window. The share of the ROI that is real image is stored per
+  crop (``crop_fraction``).
+- The mask is sampled the same way (linear, then >= 0.5). A nodule thinner
+  than one 3 mm slice can vanish at that step; it then keeps the ROI voxels
+  where the resampled mask is largest, and ``mask_rescued`` says so.
+- The segmentation patch (``subcases``) is the ROI itself; the lung mask of a
+  crop is unknown and stored as all ones.
+- Labels from the majority malignancy rating: 1-2 benign, 4-5 malignant, 3
+  excluded (or benign / malignant with ``indeterminate``). Per-reader ratings
+  are not in the source: ``nodules/ratings`` is -1 and the majority votes are
+  in ``nodules/ratings_majority``.
+- Size category from the equivalent-sphere diameter of the mask on the crop's
+  own grid, as for whole scans.
+
+Missing files, rows without files, unreadable or mismatched crops are
+reported and skipped; they never stop the import.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from . import lidc
+from .cache import CacheWriter, ScanRecordData, size_category
+from .dicomio import read_nifti_mask, read_nifti_volume
+from .errors import LungsegError
+from .preprocess import PreprocessConfig, window
+
+log = logging.getLogger(__name__)
+
+#: CSV column of each of :data:`lungseg.lidc.CHARACTERISTICS`.
+RATING_COLUMNS = {
+    "subtlety": "Subtlety_value",
+    "internal_structure": "InternalStructure_value",
+    "calcification": "Calcification_value",
+    "sphericity": "Sphericity_value",
+    "margin": "Margin_value",
+    "lobulation": "Lobulation_value",
+    "spiculation": "Spiculation_value",
+    "texture": "Texture_value",
+    "malignancy": "Malignancy_value",
+}
+REQUIRED_COLUMNS = ("patient_id", "nodule_id", "Malignancy_value")
+INDETERMINATE = {"excluded": lidc.EXCLUDED, "benign": lidc.BENIGN, "malignant": lidc.MALIGNANT}
+
+
+@dataclass(frozen=True)
+class CropConfig:
+    """Settings of ``lungseg import-crops``; spacing, window and ROI are paper A's."""
+
+    spacing: tuple[float, float, float] = (3.0, 1.5, 1.5)
+    window: tuple[float, float] = (-1000.0, 400.0)
+    roi_shape: tuple[int, int, int] = (16, 48, 48)
+    pad_hu: float = -1000.0
+    indeterminate: str = "excluded"          # what a majority malignancy of 3 becomes
+
+    def __post_init__(self):
+        PreprocessConfig(spacing=self.spacing, window=self.window, roi_shape=self.roi_shape)  # validates
+        if self.indeterminate not in INDETERMINATE:
+            raise ValueError(f"indeterminate must be one of {sorted(INDETERMINATE)}, got {self.indeterminate!r}")
+
+    def cache_config(self) -> dict:
+        """The cache's settings: a :class:`PreprocessConfig` whose sub-case is the ROI, plus the crop fields.
+
+        Checkpoints copy these, and ``predict`` rebuilds the preprocessing from
+        the :class:`PreprocessConfig` fields, so a model trained on crops still
+        resamples whole scans to the same spacing and window.
+        """
+        base = PreprocessConfig(spacing=self.spacing, window=self.window, subcase_shape=self.roi_shape,
+                                roi_shape=self.roi_shape).to_dict()
+        return {**base, "source": "crops", "pad_hu": self.pad_hu, "indeterminate": self.indeterminate}
+
+
+@dataclass(frozen=True)
+class CropRow:
+    """One row of ``nodules.csv``."""
+
+    patient_id: str
+    nodule_id: str
+    line: int
+    ratings: tuple[int, ...]        # majority votes in CHARACTERISTICS order, -1 where missing
+    n_readers: int
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def name(self) -> str:
+        return f"{self.patient_id}_R_{self.nodule_id}"
+
+    @property
+    def malignancy(self) -> int:
+        return self.ratings[lidc.CHARACTERISTICS.index("malignancy")]
+
+
+@dataclass(frozen=True)
+class CropResult:
+    """What happened to one crop: ``status`` is 'done', 'skipped' (already cached) or 'failed'."""
+
+    name: str
+    status: str
+    message: str = ""
+
+
+def _int(value: str | None) -> int:
+    try:
+        return int(round(float(value)))
+    except (TypeError, ValueError):
+        return -1
+
+
+def read_table(folder: str | os.PathLike) -> tuple[list[CropRow], list[str]]:
+    """Rows of ``folder/nodules.csv`` and the problems found in it (duplicates, unusable rows)."""
+    path = Path(folder) / "nodules.csv"
+    if not path.is_file():
+        raise LungsegError(f"{path}: no such file; a crop folder holds image/, mask/ and nodules.csv")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise LungsegError(f"{path}: missing column(s) {', '.join(missing)}")
+        rows, problems, seen = [], [], set()
+        for line, r in enumerate(reader, start=2):
+            pid, nid = (r.get("patient_id") or "").strip(), (r.get("nodule_id") or "").strip()
+            if not pid or not nid:
+                problems.append(f"{path}:{line}: no patient_id or nodule_id; row skipped")
+                continue
+            ratings = tuple(_int(r.get(col)) for col in RATING_COLUMNS.values())
+            row = CropRow(pid, nid, line, ratings, _int(r.get("len_mal_details")), extra=r)
+            if row.name in seen:
+                problems.append(f"{path}:{line}: {row.name} listed twice; later row skipped")
+                continue
+            seen.add(row.name)
+            rows.append(row)
+    return rows, problems
+
+
+def _label(malignancy: int, indeterminate: str) -> int:
+    if malignancy in (1, 2):
+        return lidc.BENIGN
+    if malignancy in (4, 5):
+        return lidc.MALIGNANT
+    if malignancy == 3:
+        return INDETERMINATE[indeterminate]
+    return lidc.EXCLUDED
+
+
+def import_crop(image_path: str | os.PathLike, mask_path: str | os.PathLike, row: CropRow,
+                cfg: CropConfig = CropConfig()) -> ScanRecordData:
+    """One crop and its mask as a cache entry (see the module docstring)."""
+    image_path, mask_path = Path(image_path), Path(mask_path)
+    volume = read_nifti_volume(image_path, min_hu_below=None)
+    try:
+        mask, mask_affine = read_nifti_mask(mask_path)
+    except (OSError, ValueError) as exc:
+        raise LungsegError(f"{mask_path}: cannot read the mask ({str(exc).splitlines()[0]})") from None
+    if mask.shape != volume.shape:
+        raise LungsegError(f"{mask_path}: mask shape {mask.shape} differs from the image's {volume.shape}")
+    from .dicomio import nifti_affine
+    if not np.allclose(mask_affine, nifti_affine(volume), atol=1e-3):
+        raise LungsegError(f"{mask_path}: mask and image grids differ (NIfTI affines do not match)")
+    mask = mask > 0
+    if not mask.any():
+        raise LungsegError(f"{mask_path}: empty mask")
+    hu = volume.hu
+
+    voxel_mm3 = float(np.prod(volume.spacing))
+    volume_mm3 = float(mask.sum()) * voxel_mm3
+    diameter = (6.0 * volume_mm3 / math.pi) ** (1 / 3)
+    centroid = np.argwhere(mask).mean(axis=0)
+
+    # Sample the ROI grid, centred on the centroid, from the crop grid.
+    roi = np.asarray(cfg.roi_shape)
+    step = np.asarray(cfg.spacing) / np.asarray(volume.spacing)   # crop voxels per ROI voxel
+    # The centroid sits on voxel roi // 2 (slice 8 of 16, the 2D baseline's
+    # central slice), so even a crop thinner than one ROI slice is sampled.
+    axes = [centroid[a] + (np.arange(roi[a]) - roi[a] // 2) * step[a] for a in range(3)]
+    coords = np.stack(np.meshgrid(*axes, indexing="ij"))
+    # A crop voxel covers +-0.5 voxel around its centre: samples in that margin
+    # take the edge value, samples beyond it are padding.
+    inside = np.all([(c >= -0.5) & (c <= n - 0.5) for c, n in zip(coords, hu.shape)], axis=0)
+    roi_hu = ndimage.map_coordinates(hu.astype(np.float32), coords, order=1, mode="nearest")
+    roi_hu[~inside] = cfg.pad_hu
+    roi_mask_f = ndimage.map_coordinates(mask.astype(np.float32), coords, order=1, mode="nearest")
+    roi_mask_f[~inside] = 0.0
+    roi_mask = roi_mask_f >= 0.5
+    rescued = not roi_mask.any()
+    if rescued:
+        if roi_mask_f.max() <= 0:
+            raise LungsegError(f"{mask_path}: the mask does not reach the resampled ROI")
+        roi_mask = roi_mask_f >= roi_mask_f.max() * 0.999
+        log.info("%s: mask thinner than one resampled slice; kept its %d most covered voxel(s)",
+                 row.name, int(roi_mask.sum()))
+
+    image = window(roi_hu, *cfg.window).astype(np.float16)[None]
+    m = roi_mask.astype(np.uint8)[None]
+    start = np.zeros((1, 3), np.int32)
+    ratings = np.full((1, 4, len(lidc.CHARACTERISTICS)), -1, np.int8)
+    world = volume.voxel_to_world(centroid)
+    arrays = {
+        "subcases/image": image, "subcases/mask": m, "subcases/lung": np.ones_like(m), "subcases/start": start,
+        "rois/image": image, "rois/mask": m, "rois/start": start,
+        "nodules/index": np.asarray([_int(row.nodule_id)], np.int16),
+        "nodules/n_readers": np.asarray([row.n_readers], np.int8),
+        "nodules/ratings": ratings,
+        "nodules/ratings_majority": np.asarray([row.ratings], np.int8),
+        "nodules/annotation_ids": np.full((1, 4), -1, np.int32),
+        "nodules/malignancy_median": np.asarray([row.malignancy], np.float32),
+        "nodules/label": np.asarray([_label(row.malignancy, cfg.indeterminate)], np.int8),
+        "nodules/diameter_mm": np.asarray([diameter], np.float32),
+        "nodules/long_axis_mm": np.asarray([np.nan], np.float32),
+        "nodules/volume_mm3": np.asarray([volume_mm3], np.float32),
+        "nodules/mean_hu": np.asarray([float(hu[mask].mean())], np.float32),
+        "nodules/size_category": np.asarray([size_category(diameter)], np.int8),
+        "nodules/centroid_voxel": np.asarray([centroid], np.float32),
+        "nodules/centroid_world": np.asarray([world], np.float32),
+        "nodules/centroid_resampled": np.asarray([roi // 2], np.float32),
+    }
+    attrs = {
+        "kind": "crop",
+        "patient_id": row.patient_id,
+        "study_uid": "",
+        "series_uid": row.name,
+        "source_series_uid": str(row.extra.get("seriesuid", "")),
+        "source": str(image_path),
+        "original_shape": np.asarray(volume.shape, np.int32),
+        "original_spacing": np.asarray(volume.spacing, np.float64),
+        "origin": np.asarray(volume.origin, np.float64),
+        "direction": np.asarray(volume.direction, np.float64),
+        "spacing": np.asarray(cfg.spacing, np.float64),
+        "shape": roi.astype(np.int32),
+        "lung_volume_ml": float("nan"),
+        "n_nodules": 1,
+        "crop_fraction": float(inside.mean()),
+        "mask_rescued": bool(rescued),
+    }
+    return ScanRecordData(series_uid=row.name, attrs=attrs, arrays=arrays)
+
+
+def find_crops(folder: str | os.PathLike) -> tuple[list[tuple[CropRow, Path, Path]], list[str]]:
+    """(row, image, mask) for every usable row of a crop folder, and the problems found."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LungsegError(f"{folder}: no such crop folder")
+    for sub in ("image", "mask"):
+        if not (folder / sub).is_dir():
+            raise LungsegError(f"{folder}: no {sub}/ folder; a crop folder holds image/, mask/ and nodules.csv")
+    rows, problems = read_table(folder)
+    found, named = [], set()
+    for row in rows:
+        image = folder / "image" / f"{row.name}.nii.gz"
+        mask = folder / "mask" / f"{row.name}.nii.gz"
+        named.add(row.name)
+        lacking = [p.parent.name + "/" + p.name for p in (image, mask) if not p.is_file()]
+        if lacking:
+            problems.append(f"{row.name}: no {' or '.join(lacking)}; row skipped")
+            continue
+        found.append((row, image, mask))
+    for sub in ("image", "mask"):
+        for p in sorted((folder / sub).glob("*.nii.gz")):
+            if p.name[: -len(".nii.gz")] not in named:
+                problems.append(f"{sub}/{p.name}: no row in nodules.csv; file skipped")
+    return found, problems
+
+
+def import_crops(folder: str | os.PathLike, out: str | os.PathLike, cfg: CropConfig = CropConfig(),
+                 items: Sequence[tuple[CropRow, Path, Path]] | None = None) -> Iterator[CropResult]:
+    """Import every crop of ``folder`` (or the given ``items`` of :func:`find_crops`) into cache ``out``.
+
+    Resumable like ``preprocess``: crops already in the cache are skipped, and
+    each is written atomically.
+    """
+    if items is None:
+        items, _ = find_crops(folder)
+    writer = CacheWriter(out, cfg.cache_config())
+    done = writer.done()
+    for row, image, mask in items:
+        if row.name in done:
+            yield CropResult(row.name, "skipped", "already in the cache")
+            continue
+        try:
+            record = import_crop(image, mask, row, cfg)
+        except LungsegError as exc:
+            yield CropResult(row.name, "failed", str(exc))
+            continue
+        writer.add(record)
+        yield CropResult(row.name, "done")
+
+
+def patient_folds(patients: Sequence[str], labelled: Sequence[bool], *, k: int = 5, seed: int = 0) -> dict[str, int]:
+    """Assign each patient to one of ``k`` folds, seeded, balancing labelled nodules per fold.
+
+    ``patients`` and ``labelled`` have one entry per nodule. Patients are taken
+    in a seeded random order, most labelled nodules first, each into the fold
+    that has the fewest labelled nodules so far (ties: fewest nodules, then
+    lowest fold); patients with unlabelled nodules only go where there are
+    fewest nodules. All nodules of a patient share a fold.
+    """
+    if k < 2:
+        raise ValueError(f"k must be >= 2, got {k}")
+    unique = sorted(set(patients))
+    if len(unique) < k:
+        raise LungsegError(f"{len(unique)} patients cannot fill {k} folds")
+    n_lab = {p: 0 for p in unique}
+    n_all = {p: 0 for p in unique}
+    for p, lab in zip(patients, labelled):
+        n_lab[p] += bool(lab)
+        n_all[p] += 1
+    shuffled = [unique[i] for i in np.random.default_rng(seed).permutation(len(unique))]
+    order = sorted(shuffled, key=lambda p: (-n_lab[p], -n_all[p]))   # stable: seeded order breaks ties
+    load_lab, load_all = [0] * k, [0] * k
+    folds = {}
+    for p in order:
+        if n_lab[p]:
+            f = min(range(k), key=lambda i: (load_lab[i], load_all[i], i))
+        else:   # only unlabelled nodules: even out the total count instead
+            f = min(range(k), key=lambda i: (load_all[i], load_lab[i], i))
+        folds[p] = f
+        load_lab[f] += n_lab[p]
+        load_all[f] += n_all[p]
+    return folds
+
+
+def fold_split(folds: dict[str, int], test_fold: int | None) -> dict[str, str]:
+    """A train/test split file mapping for one fold (``None``: every patient trains)."""
+    return {p: "test" if f == test_fold else "train" for p, f in sorted(folds.items())}
+
+
+__all__ = ["CropConfig", "CropRow", "CropResult", "read_table", "find_crops", "import_crop", "import_crops",
+           "patient_folds", "fold_split"]
