@@ -478,9 +478,10 @@ def predict(source, seg, cls_, out, threshold, min_volume_mm3, overlap, device, 
               help="Segmentation checkpoint (Table 4).")
 @click.option("--cls", "cls_", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Classification checkpoint (Table 5).")
-@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
-@click.option("--split-file", type=click.Path(exists=True, dir_okay=False),
-              default="data_manifests/lidc_split_seed0.csv", show_default=True)
+@click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="test", show_default=True,
+              help="all: every scan or crop of the cache (--split-file is not read).")
+@click.option("--split-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Patient-level split CSV [default: data_manifests/lidc_split_seed0.csv].")
 @click.option("--protocol", type=click.Choice(["nodule", "annotation"]), default="nodule", show_default=True,
               help="annotation: every reader's rating counts (paper A's counting).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
@@ -493,6 +494,8 @@ def evaluate(cache_path, seg, cls_, split, split_file, protocol, out, n_bootstra
     """Paper A's tables: Dice/precision/recall by size (Table 4), accuracy/recall/specificity/AUC (Table 5)."""
     from lungseg import evaluate as ev
 
+    if split_file is None:
+        split_file = "data_manifests/lidc_split_seed0.csv"
     report = ev.evaluate(cache_path, seg=seg, cls=cls_, out=out, split=split, split_file=split_file,
                          protocol=protocol, device=device, precision=precision, n_bootstrap=n_bootstrap,
                          seed=seed)

@@ -83,14 +83,14 @@ class ClsConfig(TrainConfig):
 
 
 #: Named presets: overrides of the paper's defaults. ``cpu`` is for machines
-#: without a GPU, measured on 2 CPU cores (one thread per run) on 16 x 48 x 48
-#: patches: the paper's 3D ResNet50 (width 64) trains at about 0.15 ROIs/s
-#: there, width 8 at 3.75 ROIs/s (1/64 of the multiply-adds); the Res U-Net at
-#: full widths at 6.5 patches/s, at half widths 16.6. Everything else (lr,
-#: batch, loss schedule, augmentation) stays the paper's.
+#: without a GPU, sized for 2 CPU cores on 16 x 48 x 48 ROIs, where the paper's
+#: 3D ResNet50 (width 64) trains at about 0.15 ROIs/s per thread and width 8
+#: (1/64 of the multiply-adds) at about 1.5 ROIs/s in a real run; the Res U-Net
+#: at half widths runs about 2.5 times faster than at full widths. Everything
+#: else (lr, batch, loss schedule, augmentation) stays the paper's.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "seg": {"paper": {}, "cpu": {"widths": (4, 8, 16, 32, 64), "epochs": 6}},
-    "cls": {"paper": {}, "cpu": {"width": 8, "epochs": 5}},
+    "seg": {"paper": {}, "cpu": {"widths": (4, 8, 16, 32, 64), "epochs": 4}},
+    "cls": {"paper": {}, "cpu": {"width": 8, "epochs": 3}},
 }
 
 

@@ -54,7 +54,8 @@ def evaluate_segmentation(model, cache: Cache, uids, *, device, precision: str =
     """Per-nodule Dice/precision/recall by size category, and detection counts, on ``uids``."""
     model.eval()
     diameters, scores = [], {"dice": [], "precision": [], "recall": []}
-    detections = []
+    detections, rows = [], []
+    crops = is_crop_cache(cache)
     for uid in uids:
         g = cache.scan(uid)
         shape = tuple(int(v) for v in g.attrs["shape"])
@@ -70,25 +71,38 @@ def evaluate_segmentation(model, cache: Cache, uids, *, device, precision: str =
             pred[sub] |= p[local]
             truth[sub] |= g["subcases/mask"][i][local] > 0
             covered[sub] = True
-        detections.append(metrics.detection_counts(truth, pred & covered))
+        if not crops:
+            detections.append(metrics.detection_counts(truth, pred & covered))
         table = cache.nodule_table(uid)
+        patient = str(g.attrs["patient_id"])
         roi_shape = g["rois/mask"].shape[1:]
         for j, start in enumerate(g["rois/start"][()] if "rois/start" in g else []):
             t = crop(truth.astype(np.uint8), start, roi_shape)
             q = crop(pred.astype(np.uint8), start, roi_shape)
-            for k, v in metrics.segmentation_scores(t, q).items():
+            row = metrics.segmentation_scores(t, q)
+            for k, v in row.items():
                 scores[k].append(v)
             diameters.append(float(table["diameter_mm"][j]))
-    return {
-        "per_size_category": metrics.per_category_table(np.asarray(diameters), scores) if diameters else {},
-        "detection": metrics.detection_summary(detections),
-    }
+            rows.append({"id": f"{uid}/{j}", "patient_id": patient, "diameter_mm": diameters[-1], **row})
+    out = {"per_size_category": metrics.per_category_table(np.asarray(diameters), scores) if diameters else {}}
+    if not crops:   # a crop's patch holds one nodule by construction: no detection task
+        out["detection"] = metrics.detection_summary(detections)
+    out["nodules"] = rows
+    return out
+
+
+def is_crop_cache(cache: Cache) -> bool:
+    """Whether the cache was made by ``lungseg import-crops`` (one nodule crop per entry)."""
+    return cache.config.get("source") == "crops"
 
 
 def classification_items(cache: Cache, uids, protocol: str = "nodule"):
     """((series uid, nodule index) per item, labels, patient ids) under a counting protocol."""
     if protocol not in ("nodule", "annotation"):
         raise ValueError(f"protocol must be 'nodule' or 'annotation', got {protocol!r}")
+    if protocol == "annotation" and is_crop_cache(cache):
+        raise LungsegError(f"{cache.path}: a crop cache holds majority ratings only, not each reader's; "
+                           "use --protocol nodule")
     items, labels, patients = [], [], []
     for uid in uids:
         g = cache.scan(uid)
@@ -141,6 +155,8 @@ def evaluate_classification(model, cache: Cache, uids, *, device, precision: str
     out["confusion_matrix"] = metrics.confusion_matrix(labels, pred, num_classes=2).tolist()
     fpr, tpr, _ = metrics.roc_curve(labels, probs)
     out["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+    out["items"] = [{"id": f"{uid}/{j}", "patient_id": str(p), "label": int(y), "p_malignant": float(q)}
+                    for (uid, j), p, y, q in zip(items, patients, labels, probs)]
     return out
 
 
@@ -173,9 +189,11 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["| size category | n | dice | precision | recall |", "|---|---|---|---|---|"]
         for name, row in seg["per_size_category"].items():
             lines.append(f"| {name} | {row['n']} | {row['dice']:.3f} | {row['precision']:.3f} | {row['recall']:.3f} |")
-        d = seg["detection"]
-        lines += ["", f"Detection: sensitivity {d['sensitivity']:.3f} ({d['n_hit']}/{d['n_truth']} nodules), "
-                      f"{d['fp_per_scan']:.2f} false positives per scan", ""]
+        d = seg.get("detection")
+        if d:
+            lines += ["", f"Detection: sensitivity {d['sensitivity']:.3f} ({d['n_hit']}/{d['n_truth']} nodules), "
+                          f"{d['fp_per_scan']:.2f} false positives per scan"]
+        lines += [""]
     cls = report.get("classification")
     if cls:
         ci = cls["ci95"]
@@ -191,21 +209,29 @@ def evaluate(cache_path: str | os.PathLike, *, seg: str | os.PathLike | None, cl
              out: str | os.PathLike, split: str = "test", split_file: str = "data_manifests/lidc_split_seed0.csv",
              protocol: str = "nodule", device: str = "auto", precision: str = "auto",
              n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Score the checkpoints on one split of a cache; writes ``evaluation.json`` (and ``roc.png``)."""
+    """Score the checkpoints on one split of a cache (``split="all"``: every entry, no split file).
+
+    Writes ``evaluation.json`` (tables, intervals, and one row per nodule or
+    item), ``evaluation.md`` and, for a classifier, ``roc.png``.
+    """
     from .infer import sha256
     from .train import load_model
 
     if seg is None and cls is None:
         raise LungsegError("give a segmentation checkpoint (--seg), a classification one (--cls), or both")
     cache = Cache(cache_path)
-    uids = split_scans(cache, read_split(split_file), split)
+    if split == "all":
+        uids, split_file = list(cache.series_uids), None
+    else:
+        uids = split_scans(cache, read_split(split_file), split)
     if not uids:
         raise LungsegError(f"{cache_path}: no scans of split '{split}' in {split_file}")
     dev = resolve_device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
-        "data": {"cache": str(cache_path), "split": split, "split_file": str(split_file), "n_scans": len(uids)},
+        "data": {"cache": str(cache_path), "kind": "crops" if is_crop_cache(cache) else "scans", "split": split,
+                 "split_file": None if split_file is None else str(split_file), "n_scans": len(uids)},
         "protocol": protocol,
         "checkpoints": {},
     }
