@@ -165,8 +165,281 @@ def main() -> None:
         timing.setdefault("train", {}).update(seconds)
         timing_path.write_text(json.dumps(timing, indent=2))
     if args.stage in ("all", "report"):
-        from real_nodules_report import report   # noqa: E402 (benchmarks/ is on sys.path when run as a script)
-        report(args.models, out, cache, runner, timing)
+        evaluate_runs(args.models, out, cache, runner)
+        results = report(args.models, out, cache, args.data.resolve())
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+        text = markdown(results)
+        (out / "results.md").write_text(text + "\n")
+        print(text)
+
+
+# --------------------------------------------------------------------------
+# Evaluation of every finished fold run, and pooling
+# --------------------------------------------------------------------------
+
+def finished(run: Path) -> bool:
+    planned = planned_epochs(run)
+    return planned is not None and epochs_done(run) >= planned and (run / "last.pt").exists()
+
+
+def evaluate_runs(models: list[str], out: Path, cache: Path, runner: Runner) -> None:
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for name in models:
+        kind = MODELS[name][0]
+        for i in range(K):
+            run, dest = out / "runs" / name / f"fold{i}", out / "eval" / name / f"fold{i}"
+            if not finished(run):
+                continue
+            result = dest / "evaluation.json"
+            if result.exists() and result.stat().st_mtime > (run / "last.pt").stat().st_mtime:
+                continue
+            split = ROOT / "data_manifests" / f"{FOLDS_STEM}_fold{i}.csv"
+            dest.mkdir(parents=True, exist_ok=True)
+            runner(lungseg("evaluate", "--cache", cache, f"--{kind}", run / "last.pt", "--split", "test",
+                           "--split-file", split, "--bootstrap", 200, "--out", dest), env=env,
+                   log_file=dest / "evaluate.log")
+
+
+def pooled(models: list[str], out: Path) -> dict[str, dict]:
+    """Out-of-fold rows of each model whose 5 folds are all evaluated."""
+    rows = {}
+    for name in models:
+        kind = MODELS[name][0]
+        files = [out / "eval" / name / f"fold{i}" / "evaluation.json" for i in range(K)]
+        if not all(f.exists() for f in files):
+            continue
+        key = "classification" if kind == "cls" else "segmentation"
+        items = []
+        for f in files:
+            part = json.loads(f.read_text())[key]
+            items.extend(part["items"] if kind == "cls" else part["nodules"])
+        runs = [out / "runs" / name / f"fold{i}" for i in range(K)]
+        train_s = sum(r["seconds"] for run in runs for r in map(json.loads, open(run / "log.jsonl")))
+        cfg = json.loads((runs[0] / "config.json").read_text())
+        rows[name] = {"kind": kind, "rows": items, "train_seconds": train_s, "config": cfg}
+    return rows
+
+
+# --------------------------------------------------------------------------
+# Baselines on the same folds: mask features + logistic regression, HU threshold
+# --------------------------------------------------------------------------
+
+FEATURES = ("volume_mm3", "diameter_mm", "mean_hu", "std_hu", "p90_hu", "calcified_fraction", "surface_to_volume")
+
+
+def mask_features(hu: np.ndarray, mask: np.ndarray, spacing) -> dict[str, float]:
+    """Seven simple features of one nodule on its crop's own grid."""
+    voxel = float(np.prod(spacing))
+    volume = float(mask.sum()) * voxel
+    values = hu[mask].astype(float)
+    faces = 0.0
+    for axis in range(3):
+        padded = np.pad(mask, [(1, 1) if a == axis else (0, 0) for a in range(3)])
+        area = voxel / spacing[axis]
+        faces += float(np.count_nonzero(np.diff(padded.astype(np.int8), axis=axis))) * area
+    return {"volume_mm3": volume, "diameter_mm": (6 * volume / np.pi) ** (1 / 3), "mean_hu": values.mean(),
+            "std_hu": values.std(), "p90_hu": float(np.percentile(values, 90)),
+            "calcified_fraction": float((values >= 200).mean()), "surface_to_volume": faces / volume}
+
+
+def logistic_fit_predict(x_train, y_train, x_test, l2: float = 1e-3, iterations: int = 50) -> np.ndarray:
+    """L2-regularised logistic regression by Newton's method on standardised features."""
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-12
+    a = np.c_[np.ones(len(x_train)), (x_train - mean) / std]
+    b = np.c_[np.ones(len(x_test)), (x_test - mean) / std]
+    w = np.zeros(a.shape[1])
+    penalty = l2 * np.eye(len(w))
+    penalty[0, 0] = 0.0
+    for _ in range(iterations):
+        p = 1 / (1 + np.exp(-a @ w))
+        grad = a.T @ (p - y_train) + penalty @ w
+        hess = (a * (p * (1 - p))[:, None]).T @ a + penalty
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return 1 / (1 + np.exp(-b @ w))
+
+
+def threshold_segment(hu: np.ndarray, centre, threshold_hu: float = -500.0) -> np.ndarray:
+    """Voxels above ``threshold_hu`` in the connected component nearest ``centre``."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(hu > threshold_hu)
+    if n == 0:
+        return np.zeros(hu.shape, bool)
+    idx = np.argwhere(labels > 0)
+    nearest = idx[np.argmin(((idx - np.asarray(centre)) ** 2).sum(1))]
+    return labels == labels[tuple(nearest)]
+
+
+def baselines(out: Path, cache_path: Path, data: Path) -> dict[str, list[dict]]:
+    """Per-nodule rows of the feature classifiers (out of fold) and the threshold segmentation."""
+    from lungseg import metrics
+    from lungseg.cache import Cache
+    from lungseg.dicomio import read_nifti_mask, read_nifti_volume
+
+    cached = out / "baseline_rows.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    folds = {r["patient_id"]: int(r["fold"]) for r in csv_rows(ROOT / "data_manifests" / f"{FOLDS_STEM}.csv")}
+    window_low, window_high = -1000.0, 400.0
+    cls_rows, seg_roi, seg_crop = [], [], []
+    with Cache(cache_path) as cache:
+        for uid in cache.series_uids:
+            g = cache.scan(uid)
+            table = cache.nodule_table(uid)
+            patient = str(g.attrs["patient_id"])
+            volume = read_nifti_volume(g.attrs["source"], min_hu_below=None)
+            mask, _ = read_nifti_mask(Path(g.attrs["source"]).parent.parent / "mask" / Path(g.attrs["source"]).name)
+            mask = mask > 0
+            feats = mask_features(volume.hu, mask, volume.spacing)
+            label = int(table["label"][0])
+            if label >= 0:
+                cls_rows.append({"id": f"{uid}/0", "patient_id": patient, "fold": folds[patient], "label": label,
+                                 **feats})
+            diameter = float(table["diameter_mm"][0])
+            # On the ROI the networks see (model grid, padded with air).
+            roi_hu = g["rois/image"][0].astype(np.float32) * (window_high - window_low) + window_low
+            truth = g["rois/mask"][0] > 0
+            pred = threshold_segment(roi_hu, np.asarray(truth.shape) // 2)
+            seg_roi.append({"id": f"{uid}/0", "patient_id": patient, "diameter_mm": diameter,
+                            **metrics.segmentation_scores(truth, pred)})
+            # On the original crop (the data README's setting).
+            pred = threshold_segment(volume.hu.astype(np.float32), (np.asarray(mask.shape) - 1) / 2)
+            seg_crop.append({"id": f"{uid}/0", "patient_id": patient, "diameter_mm": diameter,
+                             **metrics.segmentation_scores(mask, pred)})
+    results = {"threshold-500HU-roi": seg_roi, "threshold-500HU-crop": seg_crop}
+    for name, cols in (("lr-diameter", ["diameter_mm"]), ("lr-7-features", list(FEATURES))):
+        x = np.array([[r[c] for c in cols] for r in cls_rows], float)
+        y = np.array([r["label"] for r in cls_rows], float)
+        f = np.array([r["fold"] for r in cls_rows])
+        p = np.zeros(len(y))
+        for i in range(K):
+            p[f == i] = logistic_fit_predict(x[f != i], y[f != i], x[f == i])
+        results[name] = [{"id": r["id"], "patient_id": r["patient_id"], "label": r["label"], "p_malignant": float(q)}
+                         for r, q in zip(cls_rows, p)]
+    cached.write_text(json.dumps(results))
+    return results
+
+
+def csv_rows(path: Path) -> list[dict]:
+    import csv
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------
+
+#: Paper A: Table 5 (test set, 400 annotations) and Table 4 (Dice, precision, recall).
+PAPER_CLS = {"resnet3d50": (0.873, 0.804, 0.948, 0.907), "resnet3d50_plain": (0.808, 0.799, 0.817, None),
+             "resnet2d50": (0.781, 0.736, 0.826, None)}
+PAPER_SEG = {"resunet3d": {"micro": (0.466, 0.424, 0.549), "small": (0.652, 0.673, 0.697),
+                           "nodule": (0.805, 0.839, 0.805), "mass": (0.910, 0.916, 0.902)},
+             "unet3d": {"micro": (0.185, 0.144, 0.315), "small": (0.588, 0.532, 0.509),
+                        "nodule": (0.698, 0.771, 0.687), "mass": (0.911, 0.944, 0.880)}}
+N_BOOT = 1000
+
+
+def classification_table(rows: list[dict]) -> dict:
+    from lungseg import metrics
+
+    y = np.array([r["label"] for r in rows])
+    p = np.array([r["p_malignant"] for r in rows])
+    g = np.array([r["patient_id"] for r in rows])
+    pred = (p >= 0.5).astype(int)
+    stats = {"accuracy": lambda t, q, s: metrics.accuracy(t, q), "recall": lambda t, q, s: metrics.sensitivity(t, q),
+             "specificity": lambda t, q, s: metrics.specificity(t, q), "auc": lambda t, q, s: metrics.roc_auc(t, s)}
+    out = {"n": len(y), "n_malignant": int(y.sum()), "n_patients": len(set(g.tolist())),
+           "confusion_matrix": metrics.confusion_matrix(y, pred, num_classes=2).tolist()}
+    for name, fn in stats.items():
+        b = metrics.bootstrap_ci(fn, y, pred, p, n_resamples=N_BOOT, seed=SEED, groups=g)
+        out[name] = [b.estimate, b.low, b.high]
+    return out
+
+
+def segmentation_table(rows: list[dict]) -> dict:
+    from lungseg import metrics
+    from lungseg.cache import SIZE_CATEGORIES
+
+    d = np.array([r["diameter_mm"] for r in rows])
+    cat = metrics.size_category_index(d)
+    g = np.array([r["patient_id"] for r in rows])
+    out = {}
+    for i, name in [*enumerate(n for _, n in SIZE_CATEGORIES), (None, "all")]:
+        sel = np.ones(len(rows), bool) if i is None else cat == i
+        entry = {"n": int(sel.sum())}
+        for key in ("dice", "precision", "recall"):
+            v = np.array([r[key] for r in rows])[sel]
+            if not sel.any():
+                entry[key] = [float("nan")] * 3
+                continue
+            b = metrics.bootstrap_ci(lambda x: float(np.mean(x)), v, n_resamples=N_BOOT, seed=SEED, groups=g[sel])
+            entry[key] = [b.estimate, b.low, b.high]
+        out[name] = entry
+    return out
+
+
+def report(models: list[str], out: Path, cache: Path, data: Path) -> dict:
+    import platform
+
+    import torch
+
+    runs = pooled(models, out)
+    base = baselines(out, cache, data)
+    results = {"data": str(data), "protocol": f"patient-level {K}-fold cross-validation ({FOLDS_STEM}); "
+               "each nodule once, label from the majority malignancy (1-2 benign, 4-5 malignant, 3 excluded); "
+               "out-of-fold predictions pooled; 95 % percentile bootstrap over patients "
+               f"({N_BOOT} resamples)",
+               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                           "torch": torch.__version__, "python": platform.python_version()},
+               "classification": {}, "segmentation": {}, "missing": [m for m in models if m not in runs]}
+    for name, r in runs.items():
+        table = classification_table(r["rows"]) if r["kind"] == "cls" else segmentation_table(r["rows"])
+        cfg = r["config"]
+        table.update(train_seconds=r["train_seconds"], epochs=cfg["epochs"], arch=cfg["arch"],
+                     width=cfg.get("width"), widths=cfg.get("widths"))
+        results["classification" if r["kind"] == "cls" else "segmentation"][name] = table
+    for name in ("lr-diameter", "lr-7-features"):
+        results["classification"][name] = classification_table(base[name])
+    for name in ("threshold-500HU-roi", "threshold-500HU-crop"):
+        results["segmentation"][name] = segmentation_table(base[name])
+    return results
+
+
+def _ci(v, digits=3, scale=1.0) -> str:
+    est, lo, hi = (x * scale for x in v)
+    return "n/a" if np.isnan(est) else f"{est:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Data: {results['data']}. Protocol: {results['protocol']}.", "",
+             "Classification (Table 5 layout); paper A's rows are its test set of 400 annotations.", "",
+             "| model | epochs | train time | accuracy | recall | specificity | AUC |", "|---|---|---|---|---|---|---|"]
+    for name, row in results["classification"].items():
+        time_s = f"{row['train_seconds'] / 60:.0f} min" if "train_seconds" in row else "-"
+        lines.append(f"| {name} | {row.get('epochs', '-')} | {time_s} | " + " | ".join(
+            _ci(row[k]) for k in ("accuracy", "recall", "specificity", "auc")) + " |")
+    for name, (acc, rec, spec, auc) in PAPER_CLS.items():
+        lines.append(f"| paper A {name} | 52 | GPU | {acc:.3f} | {rec:.3f} | {spec:.3f} | "
+                     f"{'-' if auc is None else f'{auc:.3f}'} |")
+    lines += ["", "Segmentation (Table 4 layout): mean per-nodule Dice, precision, recall in the 16 x 48 x 48 ROI.", "",
+              "| model | category | n | Dice | precision | recall |", "|---|---|---|---|---|---|"]
+    for name, table in results["segmentation"].items():
+        for cat in ("micro", "small", "nodule", "mass", "all"):
+            row = table[cat]
+            lines.append(f"| {name} | {cat} | {row['n']} | " + " | ".join(
+                _ci(row[k]) for k in ("dice", "precision", "recall")) + " |")
+    for name, table in PAPER_SEG.items():
+        for cat, (d, p, r) in table.items():
+            lines.append(f"| paper A {name} | {cat} | - | {d:.3f} | {p:.3f} | {r:.3f} |")
+    if results["missing"]:
+        lines += ["", f"Not yet trained and evaluated on all folds: {', '.join(results['missing'])}."]
+    m = results["machine"]
+    lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, no GPU; torch {m['torch']}, Python {m['python']}."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

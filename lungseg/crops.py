@@ -54,7 +54,7 @@ from scipy import ndimage
 
 from . import lidc
 from .cache import CacheWriter, ScanRecordData, size_category
-from .dicomio import read_nifti_mask, read_nifti_volume
+from .dicomio import nifti_affine, read_nifti_mask, read_nifti_volume
 from .errors import LungsegError
 from .preprocess import PreprocessConfig, window
 
@@ -186,7 +186,6 @@ def import_crop(image_path: str | os.PathLike, mask_path: str | os.PathLike, row
         raise LungsegError(f"{mask_path}: cannot read the mask ({str(exc).splitlines()[0]})") from None
     if mask.shape != volume.shape:
         raise LungsegError(f"{mask_path}: mask shape {mask.shape} differs from the image's {volume.shape}")
-    from .dicomio import nifti_affine
     if not np.allclose(mask_affine, nifti_affine(volume), atol=1e-3):
         raise LungsegError(f"{mask_path}: mask and image grids differ (NIfTI affines do not match)")
     mask = mask > 0
