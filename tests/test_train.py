@@ -190,10 +190,15 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny, tmp_path):
 
 def test_refuses_empty_split_and_other_architecture(tiny, tmp_path):
     path, split = tiny
-    only_train = tmp_path / "split.csv"
-    only_train.write_text("patient_id,split\n" + "".join(f"{p},train\n" for p in PATIENTS))
+    only_test = tmp_path / "test.csv"
+    only_test.write_text("patient_id,split\n" + "".join(f"{p},test\n" for p in PATIENTS))
+    with pytest.raises(train.TrainingError, match="the train split"):
+        train.fit("seg", train.SegConfig(epochs=1, split_file=str(only_test), **SEG), path, tmp_path / "a")
+    # A val split that is named but holds none of the cache's patients is an error, not "no validation".
+    absent_val = tmp_path / "absent.csv"
+    absent_val.write_text("patient_id,split\n" + "".join(f"{p},train\n" for p in PATIENTS) + "LIDC-IDRI-0000,val\n")
     with pytest.raises(train.TrainingError, match="the val split"):
-        train.fit("seg", train.SegConfig(epochs=1, split_file=str(only_train), **SEG), path, tmp_path / "a")
+        train.fit("seg", train.SegConfig(epochs=1, split_file=str(absent_val), **SEG), path, tmp_path / "a")
     train.fit("seg", train.SegConfig(epochs=1, split_file=split, **SEG), path, tmp_path / "b")
     other = train.SegConfig(epochs=2, split_file=split, arch="unet3d", **SEG)
     with pytest.raises(train.TrainingError, match="a resunet3d checkpoint"):
