@@ -292,6 +292,7 @@ class Cache:
                     "centroid_world_lps_mm": [round(float(v), 2) for v in table["centroid_world"][i]],
                 })
             scans.append({
+                "kind": str(a.get("kind", "scan")),
                 "patient_id": str(a["patient_id"]),
                 "series_uid": uid,
                 "n_slices": int(a["original_shape"][0]),
@@ -322,10 +323,13 @@ def format_summary(summary: Mapping[str, Any], *, per_scan: bool = True) -> str:
     ]
     if per_scan:
         for s in summary["scans"]:
-            lines.append(
-                f"{s['patient_id']}  {s['n_slices']} slices  lungs {s['lung_volume_ml'] / 1000:.2f} L"
-                f"  {len(s['nodules'])} nodules  {s['series_uid']}"
-            )
+            if s.get("kind") == "crop":
+                lines.append(f"{s['patient_id']}  crop {s['series_uid']}  ({s['n_slices']} slices)")
+            else:
+                lines.append(
+                    f"{s['patient_id']}  {s['n_slices']} slices  lungs {s['lung_volume_ml'] / 1000:.2f} L"
+                    f"  {len(s['nodules'])} nodules  {s['series_uid']}"
+                )
             for n in s["nodules"]:
                 mal = ",".join(str(r["malignancy"]) for r in n["ratings"]) or \
                     f"{n.get('ratings_majority', {}).get('malignancy', '?')} (majority)"
