@@ -122,10 +122,8 @@ def run_training(jobs, runner: Runner, n_parallel: int) -> dict[str, float]:
 
     def one(job):
         name, fold, run, cmd = job
-        done, planned = epochs_done(run), planned_epochs(run)
-        if planned is not None and done >= planned:
-            print(f"  {name}/{fold}: finished ({done} epochs), skipped", flush=True)
-            return
+        # An existing run is always resumed: it trains only the epochs it lacks
+        # (none when it is finished), whatever its config.json said before.
         run.parent.mkdir(parents=True, exist_ok=True)
         resume = ["--resume"] if (run / "last.pt").exists() else []
         seconds[f"{name}/{fold}"] = runner(cmd + resume, env=env, log_file=run.parent / f"{fold}.log")
