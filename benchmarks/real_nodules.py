@@ -20,8 +20,10 @@ sequence is in ``OUT/commands.sh``):
    regression on mask features; a -500 HU threshold segmentation), written
    to ``OUT/results.json`` and ``OUT/results.md``.
 
-Runs are resumable: a finished run is skipped, an interrupted one resumed.
-``--jobs`` runs train in parallel, each with ``cpu_count // jobs`` threads.
+Runs are resumable: an interrupted run is resumed, a finished one costs a
+checkpoint load. ``--jobs`` runs train in parallel, each with
+``cpu_count // jobs`` threads; each run's progress is in
+``OUT/runs/<model>/<fold>.log``.
 Prints figures; asserts nothing.
 """
 
@@ -160,8 +162,10 @@ def main() -> None:
                                  capture_output=True, text=True).stdout.strip()
         if changed:
             print(f"note: the regenerated folds differ from the committed ones:\n{changed}")
+        t0 = time.perf_counter()
         seconds = run_training(train_jobs(args.models, out, cache), runner, args.jobs)
         timing.setdefault("train", {}).update(seconds)
+        timing.setdefault("train_stage_wall_seconds", []).append(round(time.perf_counter() - t0, 1))
         timing_path.write_text(json.dumps(timing, indent=2))
     if args.stage in ("all", "report"):
         evaluate_runs(args.models, out, cache, runner)
