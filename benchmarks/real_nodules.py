@@ -51,8 +51,8 @@ MODELS = {
     "resunet3d-cpu": ("seg", ["--preset", "cpu"], True),
     # Paper A trained its 3D U-Net baseline with Dice loss alone.
     "unet3d-cpu": ("seg", ["--preset", "cpu", "--arch", "unet3d", "--loss", "dice"], False),
-    "resnet3d50_plain": ("cls", ["--arch", "resnet3d50_plain", "--epochs", "3"], False),
-    "resnet2d50": ("cls", ["--arch", "resnet2d50", "--epochs", "3"], False),
+    "resnet3d50_plain": ("cls", ["--arch", "resnet3d50_plain", "--epochs", "5"], False),
+    "resnet2d50": ("cls", ["--arch", "resnet2d50", "--epochs", "5"], False),
     # The paper's full-width 3D ResNet50 for 52 epochs: a GPU job (about 0.15 ROIs/s
     # per CPU thread here). Not in the default set; --models resnet3d50-paper runs it.
     "resnet3d50-paper": ("cls", [], True),
