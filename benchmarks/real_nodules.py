@@ -171,6 +171,7 @@ def main() -> None:
         evaluate_runs(args.models, out, cache, runner)
         results = report(args.models, out, cache, args.data.resolve())
         (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+        plot(results, out / "real_nodules.png")
         text = markdown(results)
         (out / "results.md").write_text(text + "\n")
         print(text)
@@ -355,8 +356,10 @@ def classification_table(rows: list[dict]) -> dict:
     pred = (p >= 0.5).astype(int)
     stats = {"accuracy": lambda t, q, s: metrics.accuracy(t, q), "recall": lambda t, q, s: metrics.sensitivity(t, q),
              "specificity": lambda t, q, s: metrics.specificity(t, q), "auc": lambda t, q, s: metrics.roc_auc(t, s)}
+    fpr, tpr, _ = metrics.roc_curve(y, p)
     out = {"n": len(y), "n_malignant": int(y.sum()), "n_patients": len(set(g.tolist())),
-           "confusion_matrix": metrics.confusion_matrix(y, pred, num_classes=2).tolist()}
+           "confusion_matrix": metrics.confusion_matrix(y, pred, num_classes=2).tolist(),
+           "roc": [fpr.tolist(), tpr.tolist()]}
     for name, fn in stats.items():
         b = metrics.bootstrap_ci(fn, y, pred, p, n_resamples=N_BOOT, seed=SEED, groups=g)
         out[name] = [b.estimate, b.low, b.high]
@@ -410,6 +413,45 @@ def report(models: list[str], out: Path, cache: Path, data: Path) -> dict:
     for name in ("threshold-500HU-roi", "threshold-500HU-crop"):
         results["segmentation"][name] = segmentation_table(base[name])
     return results
+
+
+def plot(results: dict, path: Path) -> None:
+    """Pooled out-of-fold ROC curves, and Dice by size category with 95 % intervals."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for name, row in results["classification"].items():
+        fpr, tpr = row["roc"]
+        ax1.plot(fpr, tpr, "--" if name.startswith("lr-") else "-", label=f"{name} (AUC {row['auc'][0]:.3f})")
+    ax1.plot([0, 1], [0, 1], ":", color="grey")
+    ax1.set_xlabel("1 - specificity")
+    ax1.set_ylabel("sensitivity")
+    ax1.set_title("benign vs malignant, 5-fold CV, out of fold", fontsize=9)
+    ax1.legend(fontsize=7, loc="lower right")
+    cats = ["micro", "small", "nodule"]
+    names = list(results["segmentation"]) + ["paper A resunet3d"]
+    width = 0.8 / len(names)
+    for k, name in enumerate(names):
+        if name.startswith("paper"):
+            est = [PAPER_SEG["resunet3d"][c][0] for c in cats]
+            err = None
+        else:
+            table = results["segmentation"][name]
+            est = [table[c]["dice"][0] for c in cats]
+            err = np.array([[table[c]["dice"][0] - table[c]["dice"][1], table[c]["dice"][2] - table[c]["dice"][0]]
+                            for c in cats]).T
+        ax2.bar(np.arange(len(cats)) + k * width, est, width, yerr=err, capsize=2, label=name)
+    ax2.set_xticks(np.arange(len(cats)) + width * (len(names) - 1) / 2,
+                   [f"{c}\n(n={results['segmentation'][next(iter(results['segmentation']))][c]['n']})" for c in cats])
+    ax2.set_ylabel("mean per-nodule Dice")
+    ax2.set_ylim(0, 1)
+    ax2.set_title("segmentation by size (masses: n=3, not shown)", fontsize=9)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def _ci(v, digits=3, scale=1.0) -> str:
