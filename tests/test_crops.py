@@ -77,6 +77,8 @@ def test_import_centres_pads_labels_and_reports(crop_dir, tmp_path):
     assert mask[8, 24, 24] == 1                      # the off-centre nodule is moved to the ROI centre
     assert image[0, 0, 0] == 0.0 and image[8, 24, 24] > 0.7   # air padding -> 0; nodule 40 HU -> 0.74
     assert 0 < g.attrs["crop_fraction"] < 0.2 and g.attrs["patient_id"] == "P-2"
+    # Image and mask stay aligned: the mask is the bright ball (40 HU -> 0.74), not lung (-850 -> 0.11).
+    assert np.median(image[mask > 0]) > 0.6 and (image[(mask == 0) & (image > 0)] < 0.6).mean() > 0.9
     table = cache.nodule_table("P-2_R_1")
     assert table["diameter_mm"][0] == pytest.approx(12.0, rel=0.1)
     assert int(table["ratings_majority"][0][-1]) == 3 and (table["ratings"] == -1).all()
