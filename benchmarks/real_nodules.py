@@ -234,6 +234,8 @@ FEATURES = ("volume_mm3", "diameter_mm", "mean_hu", "std_hu", "p90_hu", "calcifi
 
 def mask_features(hu: np.ndarray, mask: np.ndarray, spacing) -> dict[str, float]:
     """Seven simple features of one nodule on its crop's own grid."""
+    from lungseg.cache import equivalent_diameter_mm
+
     voxel = float(np.prod(spacing))
     volume = float(mask.sum()) * voxel
     values = hu[mask].astype(float)
@@ -242,7 +244,7 @@ def mask_features(hu: np.ndarray, mask: np.ndarray, spacing) -> dict[str, float]
         padded = np.pad(mask, [(1, 1) if a == axis else (0, 0) for a in range(3)])
         area = voxel / spacing[axis]
         faces += float(np.count_nonzero(np.diff(padded.astype(np.int8), axis=axis))) * area
-    return {"volume_mm3": volume, "diameter_mm": (6 * volume / np.pi) ** (1 / 3), "mean_hu": values.mean(),
+    return {"volume_mm3": volume, "diameter_mm": equivalent_diameter_mm(volume), "mean_hu": values.mean(),
             "std_hu": values.std(), "p90_hu": float(np.percentile(values, 90)),
             "calcified_fraction": float((values >= 200).mean()), "surface_to_volume": faces / volume}
 
@@ -322,7 +324,8 @@ def baselines(out: Path, cache_path: Path, data: Path) -> dict[str, list[dict]]:
         p = np.zeros(len(y))
         for i in range(K):
             p[f == i] = logistic_fit_predict(x[f != i], y[f != i], x[f == i])
-        results[name] = [{"id": r["id"], "patient_id": r["patient_id"], "label": r["label"], "p_malignant": float(q)}
+        results[name] = [{"id": r["id"], "patient_id": r["patient_id"], "fold": r["fold"], "label": r["label"],
+                          "p_malignant": float(q)}
                          for r, q in zip(cls_rows, p)]
     cached.write_text(json.dumps(results))
     return results
@@ -415,8 +418,7 @@ def report(models: list[str], out: Path, cache: Path, data: Path) -> dict:
 
     for name in ("lr-diameter", "lr-7-features"):
         results["classification"][name] = table = classification_table(base[name])
-        fold_of = {r["patient_id"]: int(r["fold"]) for r in csv_rows(ROOT / "data_manifests" / f"{FOLDS_STEM}.csv")}
-        folds = np.array([fold_of[r["patient_id"]] for r in base[name]])
+        folds = np.array([r["fold"] for r in base[name]])
         y = np.array([r["label"] for r in base[name]])
         p = np.array([r["p_malignant"] for r in base[name]])
         table["fold_auc"] = [metrics.roc_auc(y[folds == i], p[folds == i]) for i in range(K)]

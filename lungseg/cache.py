@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -74,6 +75,11 @@ SIZE_CATEGORIES = (
     (float("inf"), "mass"),
 )
 LABEL_NAMES = {0: "benign", 1: "malignant", -1: "excluded"}
+
+
+def equivalent_diameter_mm(volume_mm3: float) -> float:
+    """Diameter of the sphere of ``volume_mm3``: the nodule size that sets its category."""
+    return float((6.0 * volume_mm3 / math.pi) ** (1 / 3))
 
 
 def size_category(diameter_mm: float) -> int:

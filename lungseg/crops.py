@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +52,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import lidc
-from .cache import CacheWriter, ScanRecordData, size_category
+from .cache import CacheWriter, ScanRecordData, equivalent_diameter_mm, size_category
 from .dicomio import nifti_affine, read_nifti_mask, read_nifti_volume
 from .errors import LungsegError
 from .preprocess import PreprocessConfig, window
@@ -195,7 +194,7 @@ def import_crop(image_path: str | os.PathLike, mask_path: str | os.PathLike, row
 
     voxel_mm3 = float(np.prod(volume.spacing))
     volume_mm3 = float(mask.sum()) * voxel_mm3
-    diameter = (6.0 * volume_mm3 / math.pi) ** (1 / 3)
+    diameter = equivalent_diameter_mm(volume_mm3)
     centroid = np.argwhere(mask).mean(axis=0)
 
     # Sample the ROI grid, centred on the centroid, from the crop grid.

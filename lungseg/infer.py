@@ -36,7 +36,7 @@ import torch
 from scipy import ndimage
 
 from . import __version__
-from .cache import SIZE_CATEGORIES, size_category
+from .cache import SIZE_CATEGORIES, equivalent_diameter_mm, size_category
 from .device import autocast_context, resolve_device
 from .dicomio import CTVolume, find_series, read_nifti_volume, read_series, write_nifti
 from .errors import LungsegError
@@ -237,7 +237,7 @@ def predict_volume(volume: CTVolume, models: Models, cfg: PredictConfig = Predic
         idx = np.argwhere(comp) + [b.start for b in box]
         centroid = idx.mean(axis=0)
         volume_mm3 = float(len(idx) * voxel_mm3)
-        diameter = (6 * volume_mm3 / math.pi) ** (1 / 3)
+        diameter = equivalent_diameter_mm(volume_mm3)
         c_r = centroid * ratio
         start = tuple(int(v) for v in np.round(c_r - (np.asarray(pre.roi_shape) - 1) / 2))
         rois.append(crop(image_r, start, pre.roi_shape))

@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import lidc
-from .cache import SIZE_CATEGORIES, CacheWriter, ScanRecordData, size_category
+from .cache import SIZE_CATEGORIES, CacheWriter, ScanRecordData, equivalent_diameter_mm, size_category
 from .dicomio import CTVolume, read_series
 from .errors import LungsegError
 
@@ -219,7 +219,7 @@ def _nodule_rows(nodules, masks, volume: CTVolume, record: lidc.ScanRecord, cfg:
         ratings[:k] = nod.ratings[:k]
         ann_ids = np.full(4, -1, np.int32)
         ann_ids[:k] = [a.id for a in nod.annotations][:k]
-        diameter = (6.0 * volume_mm3 / math.pi) ** (1 / 3)   # equivalent sphere of the mask
+        diameter = equivalent_diameter_mm(volume_mm3)
         rows.append({
             "index": nod.index,
             "n_readers": nod.n_readers,
