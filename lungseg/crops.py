@@ -117,9 +117,13 @@ class CropRow:
     def name(self) -> str:
         return f"{self.patient_id}_R_{self.nodule_id}"
 
+    def rating(self, name: str) -> int:
+        """The majority vote on one of :data:`lungseg.lidc.CHARACTERISTICS` (-1 where missing)."""
+        return self.ratings[lidc.CHARACTERISTICS.index(name)]
+
     @property
     def malignancy(self) -> int:
-        return self.ratings[lidc.CHARACTERISTICS.index("malignancy")]
+        return self.rating("malignancy")
 
 
 @dataclass(frozen=True)
