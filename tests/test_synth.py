@@ -1,16 +1,20 @@
-"""synth.py: the LIDC twin, written as DICOM and read back through lungseg's own LIDC path."""
+"""synth.py: the LIDC twin, written as DICOM and read back through lungseg's own LIDC path.
+
+The anatomy renderer it calls (lungseg.anatomy) is tested in test_anatomy.py.
+"""
 
 import dataclasses
 import os
 import tempfile
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
 from click.testing import CliRunner
 
 from cli import main
-from lungseg import dicomio, lidc, preprocess, synth
+from lungseg import anatomy, dicomio, lidc, preprocess, synth
 from lungseg.cache import SIZE_CATEGORIES
 from lungseg.errors import LungsegError
 
@@ -117,6 +121,7 @@ def test_unevenly_spaced_scan_is_refused(small):
 # What is written: the record's geometry and valid CT
 # --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_written_series_has_the_records_uids_geometry_and_file_names(small, written):
     record, _ = small
     folder, output = written
@@ -137,6 +142,7 @@ def test_written_series_has_the_records_uids_geometry_and_file_names(small, writ
     assert "not patient data" in ds.ImageComments
 
 
+@pytest.mark.slow
 def test_tissue_fractions_are_those_of_a_chest_ct(through_lidc_path):
     _, volume = through_lidc_path
     f = synth.tissue_fractions(volume.hu)
@@ -148,6 +154,7 @@ def test_tissue_fractions_are_those_of_a_chest_ct(through_lidc_path):
 # Through lungseg's own LIDC path
 # --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_every_consensus_mask_lands_on_its_drawn_nodule(small, through_lidc_path):
     record, annotations = small
     data, volume = through_lidc_path
@@ -169,7 +176,7 @@ def test_every_consensus_mask_lands_on_its_drawn_nodule(small, through_lidc_path
 
 
 def test_drawn_nodule_hu_follows_texture_and_calcification():
-    grid = synth._Grid(slice_z=np.arange(9) * 1.0, first=0, n=64, ps=0.7, dz=1.0, thickness=1.0, downsample=1)
+    grid = anatomy.Grid(slice_z=np.arange(9) * 1.0, first=0, n=64, ps=0.7, dz=1.0, thickness=1.0, downsample=1)
     z, y, x = np.indices((9, 21, 21))
     frac = ((((z - 4) / 4.5) ** 2 + ((y - 10) * 0.7 / 6) ** 2 + ((x - 10) * 0.7 / 6) ** 2) < 1).astype(np.float32)
 
@@ -218,6 +225,7 @@ def test_cli_needs_scans_or_patients():
 # Realism against the real LIDC-IDRI-0001 (skips without ../shared/data)
 # --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_twin_of_0001_matches_the_real_scan(db, shared_data, tmp_path):
     record = db.scan(patient_id=REAL)
     annotations = db.annotations(record.id)
@@ -236,6 +244,48 @@ def test_twin_of_0001_matches_the_real_scan(db, shared_data, tmp_path):
     assert len(twin_hu) == len(real_hu) == 1
     np.testing.assert_allclose(twin_at, real_at, atol=0.5)        # where the readers put it
     assert abs(twin_hu[0] - real_hu[0]) < 150
+
+
+def write_crop_folder(folder, *, mask_shape=(8, 16, 16), rows=("LIDC-IDRI-0099,1,4,5,6,12.0",)):
+    """A crop folder like ../shared/data/nodules: one solid 40 HU ball in -850 HU lung, and its mask."""
+    for sub in ("image", "mask"):
+        (folder / sub).mkdir(parents=True)
+    z, y, x = np.indices((8, 16, 16))
+    ball = ((z - 3.5) * 1.25) ** 2 + ((y - 7.5) * 0.7) ** 2 + ((x - 7.5) * 0.7) ** 2 < 4.5 ** 2
+    affine = np.diag([-0.7, -0.7, 1.25, 1.0])               # RAS of an LPS (z, y, x) grid, as lungseg writes
+    image = np.where(ball, 40, -850).astype(np.int16)
+    nib.save(nib.Nifti1Image(image.transpose(2, 1, 0), affine), folder / "image" / "LIDC-IDRI-0099_R_1.nii.gz")
+    mask = np.zeros(mask_shape, np.uint8)
+    mask[: ball.shape[0], : ball.shape[1], : ball.shape[2]] = ball[: mask_shape[0], : mask_shape[1], : mask_shape[2]]
+    nib.save(nib.Nifti1Image(mask.transpose(2, 1, 0), affine), folder / "mask" / "LIDC-IDRI-0099_R_1.nii.gz")
+    (folder / "nodules.csv").write_text("patient_id,nodule_id,Malignancy_value,Texture_value,Calcification_value,diameter_mm\n"
+                                        + "".join(r + "\n" for r in rows))
+    return folder
+
+
+def test_a_real_nodule_from_a_crop_folder_is_pasted(small, tmp_path):
+    record, annotations = small
+    folder = write_crop_folder(tmp_path / "crops")
+    twin = synth.render_scan(record, annotations, seed=0, max_slices=12, downsample=4, paste_real_nodules=folder)
+    assert twin.nodules and {n.source for n in twin.nodules} == {"LIDC-IDRI-0099_R_1.nii.gz"}
+    drawn = synth.render_scan(record, annotations, seed=0, max_slices=12, downsample=4)
+    assert not np.array_equal(twin.hu, drawn.hu)
+    for nodule in twin.nodules:                                # the crop's 40 HU tissue at each centre
+        k, j, i = (int(round(v)) for v in nodule.centroid_voxel)
+        assert twin.hu[k, j, i] > -300
+
+
+@pytest.mark.parametrize("rows, mask_shape, message", [
+    (("LIDC-IDRI-0100,1,4,5,6,12.0",), (8, 16, 16), "no real nodule"),     # a row without files
+    (("LIDC-IDRI-0099,1,4,5,6,",), (8, 16, 16), "no real nodule"),       # no diameter
+    (("LIDC-IDRI-0099,1,4,5,6,12.0",), (8, 16, 12), "mask shape"),       # mask off the image's grid
+])
+def test_unusable_crop_folders_are_refused_naming_the_file(small, tmp_path, rows, mask_shape, message):
+    record, annotations = small
+    folder = write_crop_folder(tmp_path / "crops", rows=rows, mask_shape=mask_shape)
+    with pytest.raises(LungsegError, match=message) as info:
+        synth.render_scan(record, annotations, max_slices=12, downsample=4, paste_real_nodules=folder)
+    assert str(folder) in str(info.value)
 
 
 def test_real_nodules_can_be_pasted(db, shared_data):
