@@ -20,8 +20,9 @@ from pathlib import Path
 import click
 
 from lungseg import __version__
-from lungseg.configs import ClsConfig, SegConfig
+from lungseg.configs import ARCHS, PRECISIONS, PRESETS, ClsConfig, PredictConfig, PreprocessConfig, SegConfig
 from lungseg.errors import LungsegError
+from lungseg.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_FILE, MANIFESTS_DIR
 
 PLUGIN_GROUP = "lungseg.plugins"
 
@@ -82,6 +83,15 @@ def _triple(kind):
     return click.Tuple([kind, kind, kind])
 
 
+def _spacing_window_options(f):
+    """--spacing and --window, with the library's defaults (paper A's)."""
+    f = click.option("--window", type=(float, float), default=PreprocessConfig.window, show_default=True,
+                     help="HU window mapped to 0..1.")(f)
+    return click.option("--spacing", type=_triple(float), default=PreprocessConfig.spacing, show_default=True,
+                        help="Resampled voxel size z y x, mm.")(f)
+
+
+
 @main.command()
 @click.option("--lidc-root", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="LIDC-IDRI folder holding LIDC-IDRI-XXXX patient folders.")
@@ -91,21 +101,18 @@ def _triple(kind):
               help="Patient id (LIDC-IDRI-0001) or series UID; repeat. Default: all found under --lidc-root.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Scans processed in parallel.")
-@click.option("--spacing", type=_triple(float), default=(3.0, 1.5, 1.5), show_default=True,
-              help="Resampled voxel size z y x, mm.")
-@click.option("--window", type=(float, float), default=(-1000.0, 400.0), show_default=True,
-              help="HU window mapped to 0..1.")
-@click.option("--subcase-shape", type=_triple(int), default=(48, 192, 192), show_default=True)
-@click.option("--roi-shape", type=_triple(int), default=(16, 48, 48), show_default=True)
-@click.option("--min-readers", type=click.IntRange(1, 4), default=3, show_default=True,
+@_spacing_window_options
+@click.option("--subcase-shape", type=_triple(int), default=PreprocessConfig.subcase_shape, show_default=True)
+@click.option("--roi-shape", type=_triple(int), default=PreprocessConfig.roi_shape, show_default=True)
+@click.option("--min-readers", type=click.IntRange(1, 4), default=PreprocessConfig.min_readers, show_default=True,
               help="Readers who must mark a nodule for it to count.")
-@click.option("--mask-readers", type=click.IntRange(1, 4), default=3, show_default=True,
+@click.option("--mask-readers", type=click.IntRange(1, 4), default=PreprocessConfig.mask_readers, show_default=True,
               help="Readers who must include a voxel for the nodule mask.")
 def preprocess(lidc_root, out, scans, workers, spacing, window, subcase_shape, roi_shape,
                min_readers, mask_readers):
     """Resample LIDC-IDRI scans, mask lungs and nodules, cut sub-cases and ROIs into an HDF5 cache."""
     from lungseg import cache, lidc
-    from lungseg.preprocess import PreprocessConfig, preprocess_dataset, select_scans
+    from lungseg.preprocess import preprocess_dataset, select_scans
 
     try:
         cfg = PreprocessConfig(spacing=spacing, window=window, subcase_shape=subcase_shape,
@@ -153,11 +160,8 @@ def info(cache_file, as_json):
 @click.argument("crop_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="HDF5 cache to write (a rerun adds the missing crops).")
-@click.option("--spacing", type=_triple(float), default=(3.0, 1.5, 1.5), show_default=True,
-              help="Resampled voxel size z y x, mm.")
-@click.option("--window", type=(float, float), default=(-1000.0, 400.0), show_default=True,
-              help="HU window mapped to 0..1.")
-@click.option("--roi-shape", type=_triple(int), default=(16, 48, 48), show_default=True,
+@_spacing_window_options
+@click.option("--roi-shape", type=_triple(int), default=PreprocessConfig.roi_shape, show_default=True,
               help="ROI around each nodule (also the segmentation patch).")
 @click.option("--pad-hu", type=float, default=-1000.0, show_default=True,
               help="HU of the ROI beyond the crop's edge (air).")
@@ -199,7 +203,7 @@ def import_crops(crop_dir, out, spacing, window, roi_shape, pad_hu, indeterminat
 @click.argument("cache_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--k", type=click.IntRange(min=2), default=5, show_default=True, help="Number of folds.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("data_manifests"),
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=MANIFESTS_DIR,
               show_default=True, help="Folder for the CSV files.")
 @click.option("--name", default="nodules", show_default=True, help="File name prefix.")
 def folds(cache_file, k, seed, out, name):
@@ -209,55 +213,40 @@ def folds(cache_file, k, seed, out, name):
     file per fold (_fold{i}.csv: fold i is 'test', the rest 'train') and _all.csv
     (every patient 'train', for the final model).
     """
-    from lungseg import cache, lidc
-    from lungseg.crops import fold_split, patient_folds
+    from lungseg import cache, splits
 
-    patients, labelled = [], []
     with cache.Cache(cache_file) as c:
-        for uid in c.series_uids:
-            pid = str(c.scan(uid).attrs["patient_id"])
-            for lab in c.nodule_table(uid).get("label", []):
-                patients.append(pid)
-                labelled.append(int(lab) >= 0)
-    assignment = patient_folds(patients, labelled, k=k, seed=seed)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{name}_folds{k}_seed{seed}"
-    counts = {p: [0, 0] for p in assignment}
-    for p, lab in zip(patients, labelled):
-        counts[p][0] += 1
-        counts[p][1] += lab
-    lidc.write_csv(out / f"{stem}.csv", [{"patient_id": p, "fold": f, "nodules": counts[p][0],
-                                         "labelled": counts[p][1]} for p, f in sorted(assignment.items())])
-    for i in [*range(k), None]:
-        split = fold_split(assignment, i)
-        lidc.write_csv(out / f"{stem}_{'all' if i is None else f'fold{i}'}.csv",
-                       [{"patient_id": p, "split": s} for p, s in split.items()])
-    for i in range(k):
-        members = [p for p, f in assignment.items() if f == i]
-        click.echo(f"fold {i}: {len(members)} patients, {sum(counts[p][0] for p in members)} nodules, "
-                   f"{sum(counts[p][1] for p in members)} labelled")
-    click.echo(f"wrote {out / stem}.csv, {stem}_fold0..{k - 1}.csv and {stem}_all.csv")
+        result = splits.write_folds(c, out, k=k, seed=seed, name=name)
+    for row in result["folds"]:
+        click.echo(f"fold {row['fold']}: {row['patients']} patients, {row['nodules']} nodules, "
+                   f"{row['labelled']} labelled")
+    files = result["files"]
+    click.echo(f"wrote {files['folds']}, {files['fold0'].name}..{files[f'fold{k - 1}'].name} and {files['all'].name}")
 
 
 @main.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("data_manifests"),
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=MANIFESTS_DIR,
               show_default=True, help="Folder for the CSV files.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--fractions", type=(float, float, float), default=(0.85, 0.05, 0.10), show_default=True,
+@click.option("--fractions", type=(float, float, float), default=DEFAULT_FRACTIONS, show_default=True,
               help="Train, validation, test shares of the included patients.")
 def manifest(out, seed, fractions):
     """Write the LIDC-IDRI scan list (inclusion and reason) and a seeded patient-level split."""
-    from lungseg import lidc
+    from lungseg import lidc, splits
 
+    try:
+        splits.check_fractions(fractions)          # before anything is written
+    except LungsegError as exc:
+        raise click.BadParameter(str(exc), param_hint="--fractions") from None
     out.mkdir(parents=True, exist_ok=True)
     with lidc.LidcDatabase() as db:
         rows = lidc.scan_manifest(db)
     scans_csv = out / "lidc_scans.csv"
-    lidc.write_csv(scans_csv, rows)
+    splits.write_csv(scans_csv, rows)
     patients = sorted({r["patient_id"] for r in rows if r["included"]})
-    split = lidc.patient_split(patients, seed=seed, fractions=fractions)
+    split = splits.patient_split(patients, seed=seed, fractions=fractions)
     split_csv = out / f"lidc_split_seed{seed}.csv"
-    lidc.write_csv(split_csv, [{"patient_id": p, "split": s} for p, s in split.items()])
+    splits.write_split(split_csv, split)
     n_in = sum(r["included"] for r in rows)
     sizes = {s: list(split.values()).count(s) for s in ("train", "val", "test")}
     click.echo(f"{scans_csv}: {len(rows)} scans, {n_in} included")
@@ -276,29 +265,30 @@ def _common_train_options(Config):
                      required=True, help="HDF5 cache from lungseg preprocess."),
         click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
                      help="Run folder: config, log.jsonl, curves.png, last.pt, best.pt."),
-        click.option("--split-file", type=click.Path(exists=True, dir_okay=False), show_default=True,
-                     default="data_manifests/lidc_split_seed0.csv", help="Patient-level split CSV."),
+        click.option("--split-file", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Patient-level split CSV [default: the committed LIDC-IDRI split, "
+                          f"{DEFAULT_SPLIT_FILE.parent.name}/{DEFAULT_SPLIT_FILE.name}]."),
         click.option("--epochs", type=click.IntRange(min=1), default=None, help=paper % Config.epochs),
         click.option("--batch-size", type=click.IntRange(min=1), default=None, help=paper % Config.batch_size),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help=paper % Config.lr),
         click.option("--lr-milestones", type=str, default=None,
                      help="Comma-separated epochs where the learning rate drops 10x "
                           f"[default: {','.join(map(str, Config.lr_milestones)) or 'none'}]."),
-        click.option("--preset", type=click.Choice(["paper", "cpu"]), default="paper", show_default=True,
+        click.option("--preset", type=click.Choice(list(PRESETS[Config.kind])), default="paper", show_default=True,
                      help="paper: paper A's settings; cpu: a smaller network and fewer epochs "
                           "(lungseg.configs.PRESETS). Options given explicitly override the preset."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--augment/--no-augment", default=True, show_default=True,
+        click.option("--seed", type=int, default=Config.seed, show_default=True),
+        click.option("--augment/--no-augment", default=Config.augment, show_default=True,
                      help="Random flips and in-plane quarter turns."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N."),
-        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+        click.option("--device", default=Config.device, show_default=True, help="auto, cpu, cuda, cuda:N."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default=Config.precision,
                      show_default=True, help="auto: bf16 autocast where the hardware supports it."),
-        click.option("--grad-clip", type=click.FloatRange(min=0), default=0.0, show_default=True,
+        click.option("--grad-clip", type=click.FloatRange(min=0), default=Config.grad_clip, show_default=True,
                      help="Max gradient norm (0: off)."),
         click.option("--compile", "compile_", is_flag=True, help="torch.compile the network."),
-        click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+        click.option("--workers", type=click.IntRange(min=0), default=Config.workers, show_default=True,
                      help="DataLoader worker processes."),
-        click.option("--max-batches", type=click.IntRange(min=0), default=0, show_default=True,
+        click.option("--max-batches", type=click.IntRange(min=0), default=Config.max_batches, show_default=True,
                      help="Batches per epoch (0: all)."),
         click.option("--resume", is_flag=True, help="Continue the run in --out from last.pt."),
     ]
@@ -325,12 +315,12 @@ def _train_config(Config, options: dict):
                                      param_hint="--lr-milestones") from None
     fields = {k: v for k, v in fields.items() if v is not None}
     try:
-        return make_config("seg" if Config is SegConfig else "cls", preset, **fields)
+        return make_config(Config.kind, preset, **fields)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
 
 
-def _run_training(kind: str, cfg, cache_path: Path, out: Path, resume: bool) -> None:
+def _run_training(cfg, cache_path: Path, out: Path, resume: bool) -> None:
     from lungseg import train
 
     bar = {}
@@ -349,11 +339,11 @@ def _run_training(kind: str, cfg, cache_path: Path, out: Path, resume: bool) -> 
             metric = "no validation"
         else:
             metric = f"val loss {r['val_loss']:.4f}  " + (
-                f"dice {r['dice']:.4f}" if kind == "seg" else f"auc {r['auc']:.4f} accuracy {r['accuracy']:.4f}")
+                f"dice {r['dice']:.4f}" if cfg.kind == "seg" else f"auc {r['auc']:.4f} accuracy {r['accuracy']:.4f}")
         click.echo(f"epoch {r['epoch']:3d}  lr {r['lr']:.0e}  train loss {r['train_loss']:.4f} ({r['loss_kind']})"
                    f"  {metric}  {r['seconds']:.1f}s{'  *best' if r['best'] else ''}")
 
-    summary = train.fit(kind, cfg, cache_path, out, resume=resume,
+    summary = train.fit(cfg, cache_path, out, resume=resume,
                         callbacks=train.Callbacks(on_epoch_start, on_batch, on_epoch_end))
     if summary["best"] is None:
         click.echo(f"{summary['epochs_run']} epochs run without validation; the model is {summary['last']}")
@@ -364,31 +354,32 @@ def _run_training(kind: str, cfg, cache_path: Path, out: Path, resume: bool) -> 
 
 @main.command("train-seg")
 @_common_train_options(SegConfig)
-@click.option("--arch", type=click.Choice(["resunet3d", "unet3d"]), default="resunet3d", show_default=True)
+@click.option("--arch", type=click.Choice(list(ARCHS["seg"])), default=SegConfig.arch, show_default=True)
 @click.option("--widths", type=str, default=None,
-              help="Encoder channels per stage, then the bottleneck's [default: paper A's 8,16,32,64,128].")
-@click.option("--loss", type=click.Choice(["paper", "dice", "bce", "dice+bce"]), default="paper",
+              help="Encoder channels per stage, then the bottleneck's "
+                   f"[default: paper A's {','.join(map(str, SegConfig.widths))}].")
+@click.option("--loss", type=click.Choice(["paper", "dice", "bce", "dice+bce"]), default=SegConfig.loss,
               show_default=True, help="paper: BCE for --switch-epoch epochs, then Dice.")
-@click.option("--switch-epoch", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--switch-epoch", type=click.IntRange(min=0), default=None,
+              help=f"[default: paper A's {SegConfig.switch_epoch}]")
 def train_seg(cache_path, out, resume, widths, **options):
     """Train the 3D Res U-Net (or the plain 3D U-Net) on the cache's sub-cases."""
     try:
         options["widths"] = tuple(int(w) for w in widths.split(",")) if widths else None
     except ValueError:
         raise click.BadParameter("use comma-separated integers", param_hint="--widths") from None
-    _run_training("seg", _train_config(SegConfig, options), cache_path, out, resume)
+    _run_training(_train_config(SegConfig, options), cache_path, out, resume)
 
 
 @main.command("train-cls")
 @_common_train_options(ClsConfig)
-@click.option("--arch", type=click.Choice(["resnet3d50", "resnet3d50_plain", "resnet2d50"]),
-              default="resnet3d50", show_default=True)
+@click.option("--arch", type=click.Choice(list(ARCHS["cls"])), default=ClsConfig.arch, show_default=True)
 @click.option("--width", type=click.IntRange(min=1), default=None,
               help="Channels of the first stage [default: ResNet50's 64].")
 @click.option("--balance", is_flag=True, help="Draw benign and malignant nodules equally often.")
 def train_cls(cache_path, out, resume, **options):
     """Train the 3D ResNet50 (or a Table 5 baseline) on the cache's nodule ROIs."""
-    _run_training("cls", _train_config(ClsConfig, options), cache_path, out, resume)
+    _run_training(_train_config(ClsConfig, options), cache_path, out, resume)
 
 
 # --------------------------------------------------------------------------
@@ -415,12 +406,7 @@ def synth_command(out, n_scans, patients, seed, paste_real_nodules):
     if n_scans is not None:
         records = synth.default_twin_scans(db, n_scans)
     else:
-        records = []
-        for wanted in patients:
-            found = [s for s in db.scans() if wanted in (s.patient_id, s.series_uid)]
-            if not found:
-                raise click.ClickException(f"{wanted}: no such patient id or series UID in the LIDC database")
-            records.extend(found)
+        records = [s for wanted in patients for s in db.find(wanted)]
     with click.progressbar(records, label=f"synth {len(records)} scans", file=sys.stderr,
                            item_show_func=lambda r: r and r.patient_id) as bar:
         for record in bar:
@@ -442,19 +428,20 @@ def synth_command(out, n_scans, patients, seed, paste_real_nodules):
               help="Classification checkpoint (train-cls's best.pt).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Report folder; one subfolder per series.")
-@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=PredictConfig.threshold,
               show_default=True, help="On the segmentation probability.")
-@click.option("--min-volume", "min_volume_mm3", type=click.FloatRange(min=0), default=14.0, show_default=True,
+@click.option("--min-volume", "min_volume_mm3", type=click.FloatRange(min=0), default=PredictConfig.min_volume_mm3,
+              show_default=True,
               help="Smallest nodule kept, mm3 (14: a 3 mm sphere).")
-@click.option("--overlap", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True,
+@click.option("--overlap", type=click.FloatRange(0, 1, max_open=True), default=PredictConfig.overlap, show_default=True,
               help="Overlap of neighbouring windows.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
 def predict(source, seg, cls_, out, threshold, min_volume_mm3, overlap, device, precision):
     """Find and rate the nodules of every CT series under SOURCE (DICOM folder tree or NIfTI file)."""
     from lungseg import infer
 
-    cfg = infer.PredictConfig(threshold=threshold, min_volume_mm3=min_volume_mm3, overlap=overlap,
+    cfg = PredictConfig(threshold=threshold, min_volume_mm3=min_volume_mm3, overlap=overlap,
                               device=device, precision=precision)
     failed = 0
     for job, status, detail in infer.predict(source, seg, cls_, out, cfg):
@@ -481,7 +468,8 @@ def predict(source, seg, cls_, out, threshold, min_volume_mm3, overlap, device, 
 @click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="test", show_default=True,
               help="all: every scan or crop of the cache (--split-file is not read).")
 @click.option("--split-file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Patient-level split CSV [default: data_manifests/lidc_split_seed0.csv].")
+              help="Patient-level split CSV [default: the committed LIDC-IDRI split, "
+                   f"{DEFAULT_SPLIT_FILE.parent.name}/{DEFAULT_SPLIT_FILE.name}].")
 @click.option("--protocol", type=click.Choice(["nodule", "annotation"]), default="nodule", show_default=True,
               help="annotation: every reader's rating counts (paper A's counting).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
@@ -489,14 +477,12 @@ def predict(source, seg, cls_, out, threshold, min_volume_mm3, overlap, device, 
 @click.option("--bootstrap", "n_bootstrap", type=click.IntRange(min=10), default=1000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
 def evaluate(cache_path, seg, cls_, split, split_file, protocol, out, n_bootstrap, seed, device, precision):
     """Paper A's tables: Dice/precision/recall by size (Table 4), accuracy/recall/specificity/AUC (Table 5)."""
     from lungseg import evaluate as ev
 
-    if split_file is None:
-        split_file = "data_manifests/lidc_split_seed0.csv"
-    report = ev.evaluate(cache_path, seg=seg, cls=cls_, out=out, split=split, split_file=split_file,
+    report = ev.evaluate(cache_path, seg=seg, cls=cls_, out=out, split=split, split_file=split_file or DEFAULT_SPLIT_FILE,
                          protocol=protocol, device=device, precision=precision, n_bootstrap=n_bootstrap,
                          seed=seed)
     click.echo(ev.markdown(report))
@@ -526,16 +512,16 @@ def demo(out, n_scans, seed, device):
     A small preset (few scans, epochs and batches) so that it finishes in minutes on a CPU; the
     networks and all preprocessing are the paper's. Reruns reuse what is already there.
     """
-    from lungseg import lidc, synth
+    from lungseg import lidc, splits, synth
 
     out.mkdir(parents=True, exist_ok=True)
     with lidc.LidcDatabase() as db:
         records = synth.default_twin_scans(db, n_scans)
     patients = sorted({r.patient_id for r in records})
-    split = lidc.patient_split(patients, seed=seed, fractions=(1 - 2 / len(patients), 1 / len(patients),
-                                                                1 / len(patients)))
+    split = splits.patient_split(patients, seed=seed, fractions=(1 - 2 / len(patients), 1 / len(patients),
+                                                                  1 / len(patients)))
     split_file = out / "split.csv"
-    lidc.write_csv(split_file, [{"patient_id": p, "split": s} for p, s in split.items()])
+    splits.write_split(split_file, split)
     lidc_root, cache_path = out / "lidc", out / "cache.h5"
     todo = [r.patient_id for r in records if not synth.series_folder(lidc_root, r).is_dir()]
     if todo:

@@ -372,10 +372,10 @@ def classification_table(rows: list[dict]) -> dict:
 
 def segmentation_table(rows: list[dict]) -> dict:
     from lungseg import metrics
-    from lungseg.cache import SIZE_CATEGORIES
+    from lungseg.cache import SIZE_CATEGORIES, size_category
 
     d = np.array([r["diameter_mm"] for r in rows])
-    cat = metrics.size_category_index(d)
+    cat = size_category(d)
     g = np.array([r["patient_id"] for r in rows])
     out = {}
     for i, name in [*enumerate(n for _, n in SIZE_CATEGORIES), (None, "all")]:

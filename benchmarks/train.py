@@ -18,6 +18,7 @@ import time
 import torch
 
 from lungseg import train
+from lungseg.configs import make_config
 from lungseg.device import cpu_has_native_bf16
 from lungseg.losses import SegLoss, nll_loss
 
@@ -67,11 +68,11 @@ def main() -> None:
         if kind == "seg":
             y = (torch.rand(batch, *shape) > 0.99).float()
             loss_fn = lambda out, t: seg_loss(out, t, epoch=10)  # noqa: E731
-            model = train.build_model("seg", {"arch": name})
+            model = make_config("seg", arch=name).build_model()
         else:
             y = torch.randint(0, 2, (batch,))
             loss_fn = nll_loss
-            model = train.build_model("cls", {"arch": name})
+            model = make_config("cls", arch=name).build_model()
         for device in devices:
             for precision in ("fp32", "bf16"):
                 if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16() and args.bf16 == "auto":

@@ -10,7 +10,7 @@ complete, and ``CACHE.h5`` (small: settings and links) is rewritten the same way
 after each scan. An interrupted run therefore always leaves a readable cache
 that lacks at most the scan in flight, and a rerun skips finished scans.
 
-Schema, version 1 (``SCHEMA_VERSION``). All arrays are (z, y, x) on the
+Schema, version 2 (``SCHEMA_VERSION``). All arrays are (z, y, x) on the
 resampled grid unless named otherwise; world coordinates are DICOM LPS, mm.
 
 ``CACHE.h5``
@@ -65,7 +65,9 @@ from .errors import CacheError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+#: 2: ROIs of scans centred on voxel ``roi_shape // 2`` (:func:`lungseg.preprocess.roi_centre`),
+#: as crop ROIs always were; version 1 centred them half a voxel lower.
+SCHEMA_VERSION = 2
 
 #: Paper A's size categories (Table 2): upper diameter bound in mm, name.
 SIZE_CATEGORIES = (
@@ -82,12 +84,18 @@ def equivalent_diameter_mm(volume_mm3: float) -> float:
     return float((6.0 * volume_mm3 / math.pi) ** (1 / 3))
 
 
-def size_category(diameter_mm: float) -> int:
-    """Index into :data:`SIZE_CATEGORIES`: micro <= 5, small 5-10, nodule 10-30, mass > 30 mm."""
-    for i, (upper, _) in enumerate(SIZE_CATEGORIES):
-        if diameter_mm <= upper:
-            return i
-    return len(SIZE_CATEGORIES) - 1
+def size_category(diameter_mm):
+    """Index into :data:`SIZE_CATEGORIES`: micro <= 5, small 5-10, nodule 10-30, mass > 30 mm.
+
+    The one size rule of lungseg (upper bounds inclusive). A number gives an
+    int, an array an array of indices; a negative or non-finite diameter is a
+    ``ValueError``.
+    """
+    d = np.asarray(diameter_mm, dtype=float)
+    if np.any(~np.isfinite(d)) or np.any(d < 0):
+        raise ValueError(f"diameters must be finite and >= 0 mm, got {diameter_mm}")
+    index = np.searchsorted([upper for upper, _ in SIZE_CATEGORIES], d, side="left")
+    return int(index) if index.ndim == 0 else index
 
 
 def scans_dir(path: str | os.PathLike) -> Path:

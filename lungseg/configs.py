@@ -1,23 +1,141 @@
-"""Training settings: frozen dataclasses whose defaults are paper A's ("Experiment settings").
+"""Settings: frozen dataclasses whose defaults are paper A's ("Preprocessing", "Experiment settings").
+
+This module is the one home of:
+
+- the preprocessing settings (:class:`PreprocessConfig`: spacing, window,
+  sub-case and ROI shapes, readers, lung mask), which caches record and
+  checkpoints copy, and the fields a model of each kind depends on
+  (:data:`MODEL_INPUT_FIELDS`, compared by :func:`input_mismatch`);
+- the settings of each training task (:class:`SegConfig`, :class:`ClsConfig`;
+  their common fields in :class:`TrainConfig`), found by kind in
+  :data:`CONFIGS`; a checkpoint stores its config as plain data and
+  :func:`config_from_dict` rebuilds it;
+- the networks each task can train (:data:`ARCHS`: name -> builder), so the
+  command line's choices, training and checkpoint loading read one table;
+  ``config.build_model()`` builds the network a config describes;
+- the settings of ``lungseg predict`` (:class:`PredictConfig`);
+- named presets (:data:`PRESETS`) and :func:`make_config` (paper defaults,
+  then a preset, then explicit options), from which the command line reads
+  its defaults.
 
 Kept free of heavy imports so that the command line can show the defaults in
-``--help`` at once; :mod:`lungseg.train` uses them.
+``--help`` at once: the network modules (and torch) are imported only when a
+model is built or a segmenter's widths are checked. Where the training loop
+lives: :mod:`lungseg.train`; where splits live: :mod:`lungseg.splits`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-SEG_ARCHS = ("resunet3d", "unet3d")
-CLS_ARCHS = ("resnet3d50", "resnet3d50_plain", "resnet2d50")
+from .splits import DEFAULT_SPLIT_FILE
+
+#: Networks by task: name -> "module:builder" inside lungseg (imported when built).
+ARCHS: dict[str, dict[str, str]] = {
+    "seg": {"resunet3d": "resunet3d:resunet3d", "unet3d": "resunet3d:unet3d"},
+    "cls": {"resnet3d50": "resnet3d:resnet3d50", "resnet3d50_plain": "resnet3d:resnet3d50_plain",
+            "resnet2d50": "resnet3d:resnet2d50"},
+}
+SEG_ARCHS = tuple(ARCHS["seg"])
+CLS_ARCHS = tuple(ARCHS["cls"])
+#: ``--precision`` values: auto (bf16 autocast where the hardware has it), fp32, bf16, fp16.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Settings of ``lungseg preprocess``; the defaults are paper A's."""
+
+    spacing: tuple[float, float, float] = (3.0, 1.5, 1.5)      # z, y, x mm
+    window: tuple[float, float] = (-1000.0, 400.0)             # HU mapped to 0..1
+    subcase_shape: tuple[int, int, int] = (48, 192, 192)
+    roi_shape: tuple[int, int, int] = (16, 48, 48)
+    min_readers: int = 3          # a nodule counts when this many readers marked it
+    mask_readers: int = 3         # its mask: voxels this many readers included
+    lung_threshold_hu: float = -320.0
+    lung_closing_mm: float = 10.0
+
+    def __post_init__(self):
+        if any(s <= 0 for s in self.spacing):
+            raise ValueError(f"spacing must be positive, got {self.spacing}")
+        if not self.window[0] < self.window[1]:
+            raise ValueError(f"window must be (low, high) with low < high, got {self.window}")
+        for name in ("subcase_shape", "roi_shape"):
+            if any(int(s) < 1 for s in getattr(self, name)):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 1 <= self.mask_readers <= 4 or not 1 <= self.min_readers <= 4:
+            raise ValueError("min_readers and mask_readers must be 1..4")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, settings: dict) -> "PreprocessConfig":
+        """The config of a cache's or checkpoint's settings (keys of other kinds, e.g. a crop cache's, ignored)."""
+        known = cls.__dataclass_fields__
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if k in known})
+
+
+#: What a network of each kind needs to see as it was trained: the settings of
+#: its input. A segmenter is fully convolutional (any sub-case size); a
+#: classifier's ROI shape is fixed by its weights' receptive field and pooling.
+MODEL_INPUT_FIELDS = {
+    "seg": ("spacing", "window"),
+    "cls": ("spacing", "window", "roi_shape"),
+}
+
+
+def _close(a, b) -> bool:
+    a, b = (tuple(v) if isinstance(v, (list, tuple)) else (v,) for v in (a, b))
+    return len(a) == len(b) and all(math.isclose(float(x), float(y), rel_tol=1e-6, abs_tol=1e-9)
+                                    for x, y in zip(a, b))
+
+
+def input_mismatch(fields: tuple[str, ...], trained: dict, given: dict) -> str:
+    """'' when ``trained`` and ``given`` settings agree on ``fields``; else what differs."""
+    diffs = []
+    for name in fields:
+        a, b = trained.get(name), given.get(name)
+        if a is None or b is None:
+            continue        # a setting one side does not record cannot be checked
+        if not _close(a, b):
+            diffs.append(f"{name} {tuple(a)} vs {tuple(b)}")
+    return "; ".join(diffs)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Settings of ``lungseg predict``."""
+
+    threshold: float = 0.5            # on the segmentation probability
+    min_volume_mm3: float = 14.0      # a 3 mm sphere: LIDC's smallest outlined nodules
+    overlap: float = 0.5              # of neighbouring windows, per axis
+    device: str = "auto"
+    precision: str = "auto"           # one of lungseg.configs.PRECISIONS
+
+    def __post_init__(self):
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if not 0 <= self.overlap < 1:
+            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+def _builder(kind: str, arch: str):
+    module, name = ARCHS[kind][arch].split(":")
+    return getattr(importlib.import_module(f"lungseg.{module}"), name)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Settings shared by both loops. ``precision``: auto, fp32, bf16 or fp16."""
+    """Settings shared by both loops. ``precision``: one of :data:`PRECISIONS`."""
 
+    kind: ClassVar[str] = ""
     epochs: int
     batch_size: int
     lr: float
@@ -31,23 +149,32 @@ class TrainConfig:
     compile: bool = False
     workers: int = 0
     max_batches: int = 0            # batches per epoch, 0 = all (quick runs, demos)
-    split_file: str = "data_manifests/lidc_split_seed0.csv"
+    split_file: str = str(DEFAULT_SPLIT_FILE)
+    arch: str = ""
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.arch not in ARCHS.get(self.kind, {}):
+            raise ValueError(f"arch must be one of {sorted(ARCHS.get(self.kind, {}))}, got {self.arch!r}")
         object.__setattr__(self, "lr_milestones", tuple(int(m) for m in self.lr_milestones))
+        object.__setattr__(self, "split_file", str(self.split_file))
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
+    def build_model(self):
+        """The (untrained) network this config describes."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class SegConfig(TrainConfig):
+    kind: ClassVar[str] = "seg"
     epochs: int = 64
     batch_size: int = 6
     lr: float = 1e-2
@@ -60,13 +187,17 @@ class SegConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
-        if self.arch not in SEG_ARCHS:
-            raise ValueError(f"arch must be one of {sorted(SEG_ARCHS)}, got {self.arch!r}")
+        from .resunet3d import UNet3dConfig
+
+        object.__setattr__(self, "widths", UNet3dConfig(widths=self.widths).widths)   # the network's rule
+
+    def build_model(self):
+        return _builder("seg", self.arch)(widths=self.widths)
 
 
 @dataclass(frozen=True)
 class ClsConfig(TrainConfig):
+    kind: ClassVar[str] = "cls"
     epochs: int = 52
     batch_size: int = 16
     lr: float = 1e-4
@@ -76,10 +207,15 @@ class ClsConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.arch not in CLS_ARCHS:
-            raise ValueError(f"arch must be one of {sorted(CLS_ARCHS)}, got {self.arch!r}")
+        if self.width < 1:
+            raise ValueError(f"width must be >= 1, got {self.width}")
+
+    def build_model(self):
+        return _builder("cls", self.arch)(num_classes=2, width=self.width)
 
 
+#: The config type of each task kind, as checkpoints name it.
+CONFIGS: dict[str, type[TrainConfig]] = {"seg": SegConfig, "cls": ClsConfig}
 
 
 #: Named presets: overrides of the paper's defaults. ``cpu`` is for machines
@@ -98,7 +234,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 def make_config(kind: str, preset: str = "paper", **options: Any) -> SegConfig | ClsConfig:
     """The config of ``kind`` ("seg"/"cls"): paper defaults, then ``preset``, then ``options``."""
+    if kind not in CONFIGS:
+        raise ValueError(f"unknown task kind {kind!r}; kinds are {sorted(CONFIGS)}")
     if preset not in PRESETS[kind]:
         raise ValueError(f"unknown {kind} preset {preset!r}; presets are {sorted(PRESETS[kind])}")
-    Config = SegConfig if kind == "seg" else ClsConfig
-    return Config(**{**PRESETS[kind][preset], **options})
+    return CONFIGS[kind](**{**PRESETS[kind][preset], **options})
+
+
+def config_from_dict(kind: str, data: dict[str, Any]) -> SegConfig | ClsConfig:
+    """A config from its plain-data form (a checkpoint's ``config``); unknown keys are an error."""
+    if kind not in CONFIGS:
+        raise ValueError(f"unknown task kind {kind!r}; kinds are {sorted(CONFIGS)}")
+    return CONFIGS[kind](**data)

@@ -55,7 +55,7 @@ from . import lidc
 from .cache import CacheWriter, ScanRecordData, equivalent_diameter_mm, size_category
 from .dicomio import nifti_affine, read_nifti_mask, read_nifti_volume
 from .errors import LungsegError
-from .preprocess import PreprocessConfig, window
+from .preprocess import PreprocessConfig, roi_centre, window
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,9 @@ INDETERMINATE = {"excluded": lidc.EXCLUDED, "benign": lidc.BENIGN, "malignant": 
 class CropConfig:
     """Settings of ``lungseg import-crops``; spacing, window and ROI are paper A's."""
 
-    spacing: tuple[float, float, float] = (3.0, 1.5, 1.5)
-    window: tuple[float, float] = (-1000.0, 400.0)
-    roi_shape: tuple[int, int, int] = (16, 48, 48)
+    spacing: tuple[float, float, float] = PreprocessConfig.spacing
+    window: tuple[float, float] = PreprocessConfig.window
+    roi_shape: tuple[int, int, int] = PreprocessConfig.roi_shape
     pad_hu: float = -1000.0
     indeterminate: str = "excluded"          # what a majority malignancy of 3 becomes
 
@@ -168,16 +168,6 @@ def read_table(folder: str | os.PathLike) -> tuple[list[CropRow], list[str]]:
     return rows, problems
 
 
-def _label(malignancy: int, indeterminate: str) -> int:
-    if malignancy in (1, 2):
-        return lidc.BENIGN
-    if malignancy in (4, 5):
-        return lidc.MALIGNANT
-    if malignancy == 3:
-        return INDETERMINATE[indeterminate]
-    return lidc.EXCLUDED
-
-
 def import_crop(image_path: str | os.PathLike, mask_path: str | os.PathLike, row: CropRow,
                 cfg: CropConfig = CropConfig()) -> ScanRecordData:
     """One crop and its mask as a cache entry (see the module docstring)."""
@@ -202,11 +192,11 @@ def import_crop(image_path: str | os.PathLike, mask_path: str | os.PathLike, row
     centroid = np.argwhere(mask).mean(axis=0)
 
     # Sample the ROI grid, centred on the centroid, from the crop grid.
-    roi = np.asarray(cfg.roi_shape)
+    roi, centre = np.asarray(cfg.roi_shape), roi_centre(cfg.roi_shape)
     step = np.asarray(cfg.spacing) / np.asarray(volume.spacing)   # crop voxels per ROI voxel
-    # The centroid sits on voxel roi // 2 (slice 8 of 16, the 2D baseline's
-    # central slice), so even a crop thinner than one ROI slice is sampled.
-    axes = [centroid[a] + (np.arange(roi[a]) - roi[a] // 2) * step[a] for a in range(3)]
+    # The centroid sits exactly on the ROI's centre voxel (the library's one
+    # centring rule), so even a crop thinner than one ROI slice is sampled.
+    axes = [centroid[a] + (np.arange(roi[a]) - centre[a]) * step[a] for a in range(3)]
     coords = np.stack(np.meshgrid(*axes, indexing="ij"))
     # A crop voxel covers +-0.5 voxel around its centre: samples in that margin
     # take the edge value, samples beyond it are padding.
@@ -238,7 +228,8 @@ def import_crop(image_path: str | os.PathLike, mask_path: str | os.PathLike, row
         "nodules/ratings_majority": np.asarray([row.ratings], np.int8),
         "nodules/annotation_ids": np.full((1, 4), -1, np.int32),
         "nodules/malignancy_median": np.asarray([row.malignancy], np.float32),
-        "nodules/label": np.asarray([_label(row.malignancy, cfg.indeterminate)], np.int8),
+        "nodules/label": np.asarray([lidc.malignancy_label(row.malignancy, indeterminate=INDETERMINATE[cfg.indeterminate])],
+                                    np.int8),
         "nodules/diameter_mm": np.asarray([diameter], np.float32),
         "nodules/long_axis_mm": np.asarray([np.nan], np.float32),
         "nodules/volume_mm3": np.asarray([volume_mm3], np.float32),
@@ -246,7 +237,7 @@ def import_crop(image_path: str | os.PathLike, mask_path: str | os.PathLike, row
         "nodules/size_category": np.asarray([size_category(diameter)], np.int8),
         "nodules/centroid_voxel": np.asarray([centroid], np.float32),
         "nodules/centroid_world": np.asarray([world], np.float32),
-        "nodules/centroid_resampled": np.asarray([roi // 2], np.float32),
+        "nodules/centroid_resampled": np.asarray([centre], np.float32),
     }
     attrs = {
         "kind": "crop",
@@ -319,44 +310,4 @@ def import_crops(folder: str | os.PathLike, out: str | os.PathLike, cfg: CropCon
         yield CropResult(row.name, "done")
 
 
-def patient_folds(patients: Sequence[str], labelled: Sequence[bool], *, k: int = 5, seed: int = 0) -> dict[str, int]:
-    """Assign each patient to one of ``k`` folds, seeded, balancing labelled nodules per fold.
-
-    ``patients`` and ``labelled`` have one entry per nodule. Patients are taken
-    in a seeded random order, most labelled nodules first, each into the fold
-    that has the fewest labelled nodules so far (ties: fewest nodules, then
-    lowest fold); patients with unlabelled nodules only go where there are
-    fewest nodules. All nodules of a patient share a fold.
-    """
-    if k < 2:
-        raise ValueError(f"k must be >= 2, got {k}")
-    unique = sorted(set(patients))
-    if len(unique) < k:
-        raise LungsegError(f"{len(unique)} patients cannot fill {k} folds")
-    n_lab = {p: 0 for p in unique}
-    n_all = {p: 0 for p in unique}
-    for p, lab in zip(patients, labelled):
-        n_lab[p] += bool(lab)
-        n_all[p] += 1
-    shuffled = [unique[i] for i in np.random.default_rng(seed).permutation(len(unique))]
-    order = sorted(shuffled, key=lambda p: (-n_lab[p], -n_all[p]))   # stable: seeded order breaks ties
-    load_lab, load_all = [0] * k, [0] * k
-    folds = {}
-    for p in order:
-        if n_lab[p]:
-            f = min(range(k), key=lambda i: (load_lab[i], load_all[i], i))
-        else:   # only unlabelled nodules: even out the total count instead
-            f = min(range(k), key=lambda i: (load_all[i], load_lab[i], i))
-        folds[p] = f
-        load_lab[f] += n_lab[p]
-        load_all[f] += n_all[p]
-    return folds
-
-
-def fold_split(folds: dict[str, int], test_fold: int | None) -> dict[str, str]:
-    """A train/test split file mapping for one fold (``None``: every patient trains)."""
-    return {p: "test" if f == test_fold else "train" for p, f in sorted(folds.items())}
-
-
-__all__ = ["CropConfig", "CropRow", "CropResult", "read_table", "find_crops", "import_crop", "import_crops",
-           "patient_folds", "fold_split"]
+__all__ = ["CropConfig", "CropRow", "CropResult", "read_table", "find_crops", "import_crop", "import_crops"]

@@ -1,8 +1,8 @@
 """PyTorch datasets over the HDF5 cache: sub-cases for segmentation, ROIs for classification.
 
 Both read lazily through :class:`lungseg.cache.Cache` (one HDF5 handle per
-DataLoader worker) and take the scans of one split of a patient-level split
-file (``data_manifests/lidc_split_seed0.csv``: ``patient_id,split``).
+DataLoader worker) and take a list of scans, usually those of one split of a
+patient-level split file (:mod:`lungseg.splits`).
 
 Augmentation (random flips along each axis and in-plane 90-degree rotations,
 the same for image and mask) draws from a generator seeded by
@@ -13,9 +13,7 @@ of workers and whether or not it was interrupted and resumed.
 
 from __future__ import annotations
 
-import csv
 import os
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -23,32 +21,6 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .cache import Cache
-from .errors import LungsegError
-
-SPLITS = ("train", "val", "test")
-
-
-def read_split(path: str | os.PathLike) -> dict[str, str]:
-    """``patient_id -> split`` from a split CSV."""
-    path = Path(path)
-    if not path.is_file():
-        raise LungsegError(f"{path}: no such split file (write one with `lungseg manifest`)")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"patient_id", "split"} <= set(rows[0]):
-        raise LungsegError(f"{path}: a split file needs the columns patient_id,split")
-    bad = {r["split"] for r in rows} - set(SPLITS)
-    if bad:
-        raise LungsegError(f"{path}: unknown split name(s) {sorted(bad)}; use {', '.join(SPLITS)}")
-    return {r["patient_id"]: r["split"] for r in rows}
-
-
-def split_scans(cache: Cache, split: dict[str, str], name: str) -> list[str]:
-    """Series UIDs of the cache whose patient is in split ``name``."""
-    if name not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
-    return [uid for uid in cache.series_uids if split.get(str(cache.scan(uid).attrs["patient_id"])) == name]
-
 
 def augment(arrays: Sequence[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
     """The same random flips (z, y, x) and in-plane quarter turn for every (z, y, x) array."""

@@ -1,5 +1,7 @@
 """Where lungseg computes: device choice and mixed-precision autocast.
 
+The one home of device choice and of ``--precision``: training, evaluation
+and prediction all call :func:`resolve_device` and :func:`precision_context`.
 One rule for every command (project convention): ``"auto"`` means CUDA when
 PyTorch sees a GPU, else the CPU; an explicitly requested device that is not
 there is an error, never a silent fallback. Mixed precision is bfloat16
@@ -15,11 +17,7 @@ from typing import ContextManager
 
 import torch
 
-from .errors import LungsegError
-
-
-class DeviceError(LungsegError, ValueError):
-    """The requested compute device is unknown or not available."""
+from .errors import DeviceError
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -89,3 +87,21 @@ def autocast_context(device: torch.device | str, enabled: bool = True,
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"autocast dtype must be torch.bfloat16 or torch.float16, got {dtype}")
     return torch.autocast(device_type=dev.type, dtype=dtype)
+
+
+def precision_context(device: torch.device | str, precision: str = "auto") -> ContextManager:
+    """The autocast context of a ``--precision`` setting (:data:`lungseg.configs.PRECISIONS`).
+
+    ``auto``: bf16 (or fp16) autocast where the hardware runs it natively,
+    else full precision; ``fp32``: full precision; ``bf16``/``fp16``: that
+    dtype as asked, even where it is emulated and slow.
+    """
+    if precision == "auto":
+        return autocast_context(device)
+    if precision == "fp32":
+        return autocast_context(device, enabled=False)
+    if precision == "bf16":
+        return autocast_context(device, dtype=torch.bfloat16)
+    if precision == "fp16":
+        return autocast_context(device, dtype=torch.float16)
+    raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")

@@ -15,7 +15,9 @@
 Protocols: ``nodule`` (default) counts each nodule once with the label of its
 readers' median malignancy; ``annotation`` counts every reader's annotation
 with that reader's own rating (1-2 benign, 4-5 malignant, 3 dropped), as paper
-A counted its 2985 nodules. The JSON names data, split and protocol.
+A counted its 2985 nodules (the label rule is :func:`lungseg.lidc.malignancy_label`
+either way). The JSON names data, split and protocol. Checkpoints whose
+preprocessing differs from the cache's are refused (:mod:`lungseg.checkpoints`).
 """
 
 from __future__ import annotations
@@ -31,22 +33,25 @@ import torch
 
 from . import metrics
 from .cache import Cache
-from .datasets import read_split, split_scans
-from .device import autocast_context, resolve_device
+from .checkpoints import check_input, describe, load_model
+from .device import precision_context, resolve_device
 from .errors import LungsegError
-from .lidc import CHARACTERISTICS
+from .lidc import CHARACTERISTICS, malignancy_label
 from .preprocess import crop
+from .splits import DEFAULT_SPLIT_FILE, read_split, split_scans
 
 log = logging.getLogger(__name__)
 
 MALIGNANCY = CHARACTERISTICS.index("malignancy")
 
 
-def _forward(model, batch: np.ndarray, device, precision: str) -> np.ndarray:
+def _probabilities(model, batch: np.ndarray, device, precision: str) -> np.ndarray:
+    """Sigmoid of a segmenter's logits (N, 1, ...), or a classifier's malignant-class softmax (N,)."""
     x = torch.from_numpy(batch.astype(np.float32)).to(device)
-    ctx = autocast_context(device, enabled=precision != "fp32")
-    with torch.no_grad(), ctx:
-        return model(x).float().cpu().numpy()
+    with torch.no_grad(), precision_context(device, precision):
+        logits = model(x).float()
+    probs = torch.softmax(logits, dim=1)[:, 1] if logits.ndim == 2 else torch.sigmoid(logits)
+    return probs.cpu().numpy()
 
 
 def evaluate_segmentation(model, cache: Cache, uids, *, device, precision: str = "auto",
@@ -64,8 +69,7 @@ def evaluate_segmentation(model, cache: Cache, uids, *, device, precision: str =
         covered = np.zeros(shape, bool)
         starts = g["subcases/start"][()]
         for i, start in enumerate(starts):
-            logits = _forward(model, g["subcases/image"][i][None, None], device, precision)[0, 0]
-            p = 1 / (1 + np.exp(-logits)) >= threshold
+            p = _probabilities(model, g["subcases/image"][i][None, None], device, precision)[0, 0] >= threshold
             sub = tuple(slice(max(s, 0), min(s + n, size)) for s, n, size in zip(start, p.shape, shape))
             local = tuple(slice(a.start - s, a.stop - s) for a, s in zip(sub, start))
             pred[sub] |= p[local]
@@ -113,7 +117,7 @@ def classification_items(cache: Cache, uids, protocol: str = "nodule"):
                 ys = [int(table["label"][j])]
             else:
                 ratings = table["ratings"][j][: int(table["n_readers"][j]), MALIGNANCY]
-                ys = [0 if r <= 2 else 1 if r >= 4 else -1 for r in ratings if r > 0]
+                ys = [malignancy_label(r) for r in ratings]
             for y in ys:
                 if y >= 0:
                     items.append((uid, j))
@@ -132,9 +136,7 @@ def evaluate_classification(model, cache: Cache, uids, *, device, precision: str
     probs_by_roi: dict[tuple, float] = {}
     for uid in dict.fromkeys(u for u, _ in items):
         rois = cache.scan(uid)["rois/image"][()]
-        logits = _forward(model, rois[:, None], device, precision)
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        for j, p in enumerate(e[:, 1] / e.sum(axis=1)):
+        for j, p in enumerate(_probabilities(model, rois[:, None], device, precision)):
             probs_by_roi[(uid, j)] = float(p)
     probs = np.array([probs_by_roi[item] for item in items])
     pred = (probs >= 0.5).astype(np.int64)
@@ -206,17 +208,15 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def evaluate(cache_path: str | os.PathLike, *, seg: str | os.PathLike | None, cls: str | os.PathLike | None,
-             out: str | os.PathLike, split: str = "test", split_file: str = "data_manifests/lidc_split_seed0.csv",
+             out: str | os.PathLike, split: str = "test", split_file: str | os.PathLike = DEFAULT_SPLIT_FILE,
              protocol: str = "nodule", device: str = "auto", precision: str = "auto",
              n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Score the checkpoints on one split of a cache (``split="all"``: every entry, no split file).
 
     Writes ``evaluation.json`` (tables, intervals, and one row per nodule or
-    item), ``evaluation.md`` and, for a classifier, ``roc.png``.
+    item), ``evaluation.md`` and, for a classifier, ``roc.png``. A checkpoint
+    trained on other preprocessing than the cache's is refused.
     """
-    from .infer import sha256
-    from .train import load_model
-
     if seg is None and cls is None:
         raise LungsegError("give a segmentation checkpoint (--seg), a classification one (--cls), or both")
     cache = Cache(cache_path)
@@ -227,22 +227,24 @@ def evaluate(cache_path: str | os.PathLike, *, seg: str | os.PathLike | None, cl
     if not uids:
         raise LungsegError(f"{cache_path}: no scans of split '{split}' in {split_file}")
     dev = resolve_device(device)
+    models, described = {}, {}
+    for kind, path in (("seg", seg), ("cls", cls)):
+        if path is not None:
+            model, ckpt = load_model(path, kind=kind)
+            check_input(path, ckpt, cache.config, cache_path)
+            models[kind], described[kind] = model.to(dev), describe(path, ckpt)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "data": {"cache": str(cache_path), "kind": "crops" if is_crop_cache(cache) else "scans", "split": split,
                  "split_file": None if split_file is None else str(split_file), "n_scans": len(uids)},
         "protocol": protocol,
-        "checkpoints": {},
+        "checkpoints": described,
     }
     if seg is not None:
-        model, ckpt = load_model(seg, kind="seg")
-        report["checkpoints"]["seg"] = {"path": str(seg), "sha256": sha256(seg), "arch": ckpt["config"]["arch"]}
-        report["segmentation"] = evaluate_segmentation(model.to(dev), cache, uids, device=dev, precision=precision)
+        report["segmentation"] = evaluate_segmentation(models["seg"], cache, uids, device=dev, precision=precision)
     if cls is not None:
-        model, ckpt = load_model(cls, kind="cls")
-        report["checkpoints"]["cls"] = {"path": str(cls), "sha256": sha256(cls), "arch": ckpt["config"]["arch"]}
-        result = evaluate_classification(model.to(dev), cache, uids, device=dev, precision=precision,
+        result = evaluate_classification(models["cls"], cache, uids, device=dev, precision=precision,
                                          protocol=protocol, n_bootstrap=n_bootstrap, seed=seed)
         report["classification"] = result
         plot_roc(result, out / "roc.png", f"{Path(cache_path).name}, split {split}, {protocol} protocol")

@@ -21,7 +21,6 @@ last, after everything else, so a rerun redoes any series left half done.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import math
@@ -37,43 +36,18 @@ from scipy import ndimage
 
 from . import __version__
 from .cache import SIZE_CATEGORIES, equivalent_diameter_mm, size_category
-from .device import autocast_context, resolve_device
+from .checkpoints import check_input, describe, load_model
+from .configs import MODEL_INPUT_FIELDS, PredictConfig  # noqa: F401  (re-exported)
+from .device import precision_context, resolve_device
 from .dicomio import CTVolume, find_series, read_nifti_volume, read_series, write_nifti
 from .errors import LungsegError
-from .preprocess import PreprocessConfig, crop, lung_mask, resample, resampled_shape, window
+from .preprocess import PreprocessConfig, crop, lung_mask, resample, resampled_shape, roi_start, window
 
 log = logging.getLogger(__name__)
 
 DISCLAIMER = ("Research software, not a medical device. The malignancy probability and the masks are only "
               "as good as the data the checkpoints were trained on (see 'checkpoints'); weights trained on "
               "the synthetic LIDC twin carry no accuracy claim on real CT.")
-
-
-@dataclass(frozen=True)
-class PredictConfig:
-    """Settings of ``lungseg predict``."""
-
-    threshold: float = 0.5            # on the segmentation probability
-    min_volume_mm3: float = 14.0      # a 3 mm sphere: LIDC's smallest outlined nodules
-    overlap: float = 0.5              # of neighbouring windows, per axis
-    device: str = "auto"
-    precision: str = "auto"           # auto | fp32 | bf16
-
-    def __post_init__(self):
-        if not 0 < self.threshold < 1:
-            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
-        if not 0 <= self.overlap < 1:
-            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-
-
-def sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -88,27 +62,21 @@ class Models:
 
     @classmethod
     def load(cls, seg_path, cls_path, device: str = "auto") -> "Models":
-        from .train import load_model
+        """Both checkpoints; refused when the classifier expects other input than the segmenter's preprocessing.
 
+        The preprocessing of a prediction is the segmenter's (spacing, window,
+        window size, lung mask) with the classifier's ROI shape.
+        """
         dev = resolve_device(device)
         seg, seg_ckpt = load_model(seg_path, kind="seg")
         clf, cls_ckpt = load_model(cls_path, kind="cls")
-        pre = seg_ckpt.get("preprocess") or {}
-        known = PreprocessConfig.__dataclass_fields__
-        config = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                     for k, v in pre.items() if k in known})
-        info = {name: {"path": str(p), "sha256": sha256(p), "arch": c["config"]["arch"], "epoch": c["epoch"],
-                       "trained_on": c.get("data", {})}
-                for name, p, c in (("seg", seg_path, seg_ckpt), ("cls", cls_path, cls_ckpt))}
+        seg_pre, cls_pre = seg_ckpt.get("preprocess") or {}, cls_ckpt.get("preprocess") or {}
+        shared = tuple(f for f in MODEL_INPUT_FIELDS["cls"] if f in MODEL_INPUT_FIELDS["seg"])
+        check_input(cls_path, cls_ckpt, seg_pre, seg_path, fields=shared)
+        config = PreprocessConfig.from_dict({**seg_pre, **({"roi_shape": cls_pre["roi_shape"]}
+                                                           if "roi_shape" in cls_pre else {})})
+        info = {"seg": describe(seg_path, seg_ckpt), "cls": describe(cls_path, cls_ckpt)}
         return cls(seg.to(dev), clf.to(dev), config, info, dev)
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return autocast_context(device, enabled=False)
-    if precision == "bf16":
-        return autocast_context(device, dtype=torch.bfloat16)
-    return autocast_context(device)
 
 
 def _gaussian_weights(shape) -> np.ndarray:
@@ -148,7 +116,7 @@ def sliding_window(model, image: np.ndarray, window_shape, *, region=None, overl
             for x in _starts(size[2], window_shape[2], overlap):
                 start = (lo[0] + z, lo[1] + y, lo[2] + x)
                 patch = crop(image, start, window_shape)
-                with _autocast(device, precision):
+                with precision_context(device, precision):
                     logits = model(torch.from_numpy(patch)[None, None].to(device))
                 prob = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
                 sl = tuple(slice(o, o + w) for o, w in zip((z, y, x), window_shape))
@@ -238,9 +206,7 @@ def predict_volume(volume: CTVolume, models: Models, cfg: PredictConfig = Predic
         centroid = idx.mean(axis=0)
         volume_mm3 = float(len(idx) * voxel_mm3)
         diameter = equivalent_diameter_mm(volume_mm3)
-        c_r = centroid * ratio
-        start = tuple(int(v) for v in np.round(c_r - (np.asarray(pre.roi_shape) - 1) / 2))
-        rois.append(crop(image_r, start, pre.roi_shape))
+        rois.append(crop(image_r, roi_start(centroid * ratio, pre.roi_shape), pre.roi_shape))
         nodules.append({
             "id": nid,
             "centroid_voxel_zyx": [round(float(v), 2) for v in centroid],
@@ -255,7 +221,7 @@ def predict_volume(volume: CTVolume, models: Models, cfg: PredictConfig = Predic
     if rois:
         x = torch.from_numpy(np.stack(rois)[:, None]).to(models.device)
         models.cls.eval()
-        with torch.no_grad(), _autocast(models.device, cfg.precision):
+        with torch.no_grad(), precision_context(models.device, cfg.precision):
             logits = models.cls(x)
         p = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
         for row, prob in zip(nodules, p):

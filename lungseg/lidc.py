@@ -275,6 +275,13 @@ class LidcDatabase:
             return found[0]
         raise TypeError("give series_uid or patient_id")
 
+    def find(self, wanted: str) -> list[ScanRecord]:
+        """Every scan of a patient id (``LIDC-IDRI-0001``) or the scan of a series UID."""
+        found = [s for s in self.scans() if wanted in (s.patient_id, s.series_uid)]
+        if not found:
+            raise LidcError(f"{wanted}: no such patient id or series UID in the LIDC database")
+        return found
+
     # -- annotations ---------------------------------------------------------
     def annotations(self, scan_id: int) -> list[Annotation]:
         """All annotations of one scan, ordered by id (as pylidc's ``Scan.annotations``)."""
@@ -446,22 +453,28 @@ class Nodule:
     def malignancy_median(self) -> float:
         return float(np.median([a.malignancy for a in self.annotations]))
 
-    def label(self, benign_max: float = 2.5, malignant_min: float = 3.5) -> int:
+    def label(self) -> int:
         """:data:`BENIGN`, :data:`MALIGNANT` or :data:`EXCLUDED` from the median malignancy."""
-        return malignancy_label(self.malignancy_median, benign_max, malignant_min)
+        return malignancy_label(self.malignancy_median)
 
 
-def malignancy_label(median: float, benign_max: float = 2.5, malignant_min: float = 3.5) -> int:
-    """Median malignancy 1-2 (<= ``benign_max``) benign, 4-5 (>= ``malignant_min``) malignant.
+def malignancy_label(malignancy: float, *, indeterminate: int = EXCLUDED) -> int:
+    """The label of a malignancy rating (one reader's, a median or a majority vote): the one rule.
 
-    With the defaults a median of 3 is excluded, as in paper A; so is no other
-    value (a median of 2.5 from ratings 2, 2, 3, 3 counts as benign).
+    Paper A: 1-2 benign, 4-5 malignant, 3 excluded. A median between them
+    counts on its side of 3 (2.5 from ratings 2, 2, 3, 3 is benign; 3.5 is
+    malignant); a median of 3 is ``indeterminate`` (:data:`EXCLUDED` unless a
+    protocol says otherwise). A missing rating (NaN, or below 1: LIDC files
+    write -1 or 0 where a reader gave none) is :data:`EXCLUDED`.
     """
-    if median <= benign_max:
+    value = float(malignancy)
+    if not value >= 1:          # NaN, missing
+        return EXCLUDED
+    if value <= 2.5:
         return BENIGN
-    if median >= malignant_min:
+    if value >= 3.5:
         return MALIGNANT
-    return EXCLUDED
+    return indeterminate
 
 
 def find_nodules(
@@ -605,32 +618,3 @@ def scan_manifest(db: LidcDatabase, *, min_readers: int = 3) -> list[dict]:
             "exclusion_reason": problem,
         })
     return rows
-
-
-def patient_split(patients: Sequence[str], *, seed: int = 0,
-                  fractions: Sequence[float] = (0.85, 0.05, 0.10)) -> dict[str, str]:
-    """Assign each patient to 'train', 'val' or 'test' (seeded; a patient is on one side only).
-
-    Default shares follow paper A (85 % training, 15 % validation and test).
-    """
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"fractions must be three non-negative shares summing to 1, got {fractions}")
-    unique = sorted(set(patients))
-    order = np.random.default_rng(seed).permutation(len(unique))
-    n_train = int(round(fractions[0] * len(unique)))
-    n_val = int(round(fractions[1] * len(unique)))
-    names = ["train"] * n_train + ["val"] * n_val + ["test"] * (len(unique) - n_train - n_val)
-    return {unique[i]: names[rank] for rank, i in enumerate(order)}
-
-
-def write_csv(path: str | os.PathLike, rows: Sequence[dict]) -> None:
-    """Write dict rows as CSV (header from the first row), atomically."""
-    import csv
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)

@@ -32,10 +32,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .cache import SIZE_CATEGORIES
+from .cache import SIZE_CATEGORIES, size_category
 
 CATEGORY_NAMES: tuple[str, ...] = tuple(name for _, name in SIZE_CATEGORIES)
-_UPPER = np.array([upper for upper, _ in SIZE_CATEGORIES], dtype=float)
 
 
 # --------------------------------------------------------------------------
@@ -92,14 +91,6 @@ def segmentation_scores(truth, pred) -> dict[str, float]:
 # Size categories (Table 2) and per-category tables (Tables 3, 4)
 # --------------------------------------------------------------------------
 
-def size_category_index(diameters_mm) -> np.ndarray:
-    """Index into :data:`lungseg.cache.SIZE_CATEGORIES` for each diameter (upper bounds inclusive)."""
-    d = np.asarray(diameters_mm, dtype=float)
-    if np.any(~np.isfinite(d)) or np.any(d < 0):
-        raise ValueError("diameters must be finite and >= 0 mm")
-    return np.searchsorted(_UPPER, d, side="left")
-
-
 def per_category_table(diameters_mm, scores: Mapping[str, Sequence[float]]) -> dict[str, dict[str, float]]:
     """Mean of each score per size category, plus ``n``, and an ``"all"`` row.
 
@@ -107,7 +98,7 @@ def per_category_table(diameters_mm, scores: Mapping[str, Sequence[float]]) -> d
     ``diameters_mm``. Categories without nodules have ``n = 0`` and NaN means.
     Row order: micro, small, nodule, mass, all.
     """
-    cat = size_category_index(diameters_mm)
+    cat = np.atleast_1d(size_category(diameters_mm))
     cols = {k: np.asarray(v, dtype=float) for k, v in scores.items()}
     for k, v in cols.items():
         if v.shape != cat.shape:

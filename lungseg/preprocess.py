@@ -13,7 +13,6 @@ worker processes) and writes each result to the HDF5 cache (:mod:`lungseg.cache`
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -26,39 +25,12 @@ import numpy as np
 from scipy import ndimage
 
 from . import lidc
-from .cache import SIZE_CATEGORIES, CacheWriter, ScanRecordData, equivalent_diameter_mm, size_category
+from .cache import CacheWriter, ScanRecordData, equivalent_diameter_mm, size_category
+from .configs import MODEL_INPUT_FIELDS, PreprocessConfig, input_mismatch  # noqa: F401  (re-exported)
 from .dicomio import CTVolume, read_series
 from .errors import LungsegError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """Settings of ``lungseg preprocess``; the defaults are paper A's."""
-
-    spacing: tuple[float, float, float] = (3.0, 1.5, 1.5)      # z, y, x mm
-    window: tuple[float, float] = (-1000.0, 400.0)             # HU mapped to 0..1
-    subcase_shape: tuple[int, int, int] = (48, 192, 192)
-    roi_shape: tuple[int, int, int] = (16, 48, 48)
-    min_readers: int = 3          # a nodule counts when this many readers marked it
-    mask_readers: int = 3         # its mask: voxels this many readers included
-    lung_threshold_hu: float = -320.0
-    lung_closing_mm: float = 10.0
-
-    def __post_init__(self):
-        if any(s <= 0 for s in self.spacing):
-            raise ValueError(f"spacing must be positive, got {self.spacing}")
-        if not self.window[0] < self.window[1]:
-            raise ValueError(f"window must be (low, high) with low < high, got {self.window}")
-        for name in ("subcase_shape", "roi_shape"):
-            if any(int(s) < 1 for s in getattr(self, name)):
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 1 <= self.mask_readers <= 4 or not 1 <= self.min_readers <= 4:
-            raise ValueError("min_readers and mask_readers must be 1..4")
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 # --------------------------------------------------------------------------
@@ -156,6 +128,21 @@ def lung_mask(hu: np.ndarray, spacing: Sequence[float], *, threshold: float = -3
     out = np.zeros_like(mask)
     out[box] = sub
     return out
+
+
+def roi_centre(shape: Sequence[int]) -> np.ndarray:
+    """The voxel an ROI is centred on: ``shape // 2`` per axis (voxel 8, 24, 24 of 16 x 48 x 48).
+
+    The one centring rule of lungseg: scan ROIs (preprocess, predict) and crop
+    ROIs (import-crops) put the nodule's centre on this voxel, and slice
+    ``D // 2`` is the central slice the 2D baseline reads.
+    """
+    return np.asarray(shape, int) // 2
+
+
+def roi_start(centre: Sequence[float], shape: Sequence[int]) -> tuple[int, int, int]:
+    """First voxel of the ROI of ``shape`` whose :func:`roi_centre` lies nearest ``centre`` (same grid)."""
+    return tuple(int(v) for v in np.round(np.asarray(centre, float) - roi_centre(shape)))
 
 
 def crop(array: np.ndarray, start: Sequence[int], shape: Sequence[int], fill=0) -> np.ndarray:
@@ -278,13 +265,11 @@ def preprocess_scan(folder: str | os.PathLike, record: lidc.ScanRecord,
         "subcases/lung": np.stack([crop(lungs.astype(np.uint8), s, cfg.subcase_shape) for s in starts]),
         "subcases/start": np.asarray(starts, np.int32),
     }
-    roi = np.asarray(cfg.roi_shape)
     roi_starts, roi_images, roi_masks, centres = [], [], [], []
     for row in rows:
         c = np.asarray(row["centroid_voxel"]) * ratio
-        start = tuple(int(v) for v in np.round(c - (roi - 1) / 2))
         centres.append(c)
-        roi_starts.append(start)
+        roi_starts.append(roi_start(c, cfg.roi_shape))
     for start, m in zip(roi_starts, nodule_masks):
         roi_images.append(crop(image, start, cfg.roi_shape))
         roi_masks.append(crop(m.astype(np.uint8), start, cfg.roi_shape))
@@ -349,17 +334,11 @@ def select_scans(lidc_root: str | os.PathLike, db: lidc.LidcDatabase,
     root = Path(lidc_root)
     if not root.is_dir():
         raise LungsegError(f"{root}: LIDC root folder does not exist")
-    scans = db.scans()
     if wanted:
-        chosen = []
-        for w in wanted:
-            found = [s for s in scans if w in (s.patient_id, s.series_uid)]
-            if not found:
-                raise LungsegError(f"{w}: no such patient id or series UID in the LIDC database")
-            chosen.extend(found)
+        chosen = [s for w in wanted for s in db.find(w)]
     else:
         present = {p.name for p in root.iterdir() if p.is_dir()}
-        chosen = [s for s in scans if s.patient_id in present]
+        chosen = [s for s in db.scans() if s.patient_id in present]
         if not chosen:
             raise LungsegError(f"{root}: no LIDC-IDRI-XXXX patient folders of the LIDC database found")
     jobs = []
@@ -425,5 +404,6 @@ def preprocess_dataset(jobs: Sequence[ScanJob], out: str | os.PathLike, db: lidc
 
 __all__ = [
     "PreprocessConfig", "preprocess_scan", "preprocess_dataset", "select_scans", "lung_mask",
-    "resample", "resampled_shape", "window", "crop", "subcase_starts", "SIZE_CATEGORIES",
+    "resample", "resampled_shape", "window", "crop", "roi_centre", "roi_start", "subcase_starts",
+    "MODEL_INPUT_FIELDS", "input_mismatch",
 ]

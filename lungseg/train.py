@@ -10,6 +10,11 @@
 The paper does not say at which epochs the learning rate drops; the defaults
 drop it at epochs 32 and 48 of 64 (half-way, then three quarters).
 
+Training is one loop (:func:`fit`) over a table of tasks (:data:`TASKS`): the
+config's type (:mod:`lungseg.configs`) picks the dataset, the loss, the
+validation and the metric that chooses ``best.pt``; adding a task is one
+entry. Checkpoints are written and read by :mod:`lungseg.checkpoints`.
+
 A run folder holds ``config.json``, ``log.jsonl`` (one JSON line per epoch),
 ``curves.png``, and the checkpoints ``last.pt`` (after every epoch) and
 ``best.pt`` (best validation metric). Checkpoints hold only tensors and plain
@@ -40,48 +45,21 @@ from torch.utils.data import DataLoader
 
 from . import metrics
 from .cache import Cache
+from .checkpoints import (CHECKPOINT_FORMAT, load_checkpoint, load_model,  # noqa: F401  (re-exported)
+                          save_checkpoint, unwrap)
 from .configs import ClsConfig, SegConfig, TrainConfig  # noqa: F401  (re-exported)
-from .datasets import EpochSampler, RoiDataset, SubcaseDataset, read_split, split_scans
-from .device import autocast_context, resolve_device
-from .errors import LungsegError
+from .datasets import EpochSampler, RoiDataset, SubcaseDataset
+from .device import precision_context, resolve_device
+from .errors import TrainingError  # noqa: F401  (re-exported)
 from .losses import SegLoss, nll_loss
+from .splits import read_split, split_scans
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
-
-
-class TrainingError(LungsegError):
-    """Training cannot go on (a non-finite loss, an empty split, a mismatched checkpoint)."""
-
-
-def _seg_model(cfg: SegConfig) -> nn.Module:
-    from .resunet3d import resunet3d, unet3d
-    return {"resunet3d": resunet3d, "unet3d": unet3d}[cfg.arch](widths=cfg.widths)
-
-
-def _cls_model(cfg: ClsConfig) -> nn.Module:
-    from .resnet3d import resnet2d50, resnet3d50, resnet3d50_plain
-    return {"resnet3d50": resnet3d50, "resnet3d50_plain": resnet3d50_plain,
-            "resnet2d50": resnet2d50}[cfg.arch](num_classes=2, width=cfg.width)
-
-
-def build_model(kind: str, config: dict[str, Any]) -> nn.Module:
-    """The network a checkpoint's ``kind`` ("seg"/"cls") and config describe."""
-    if kind == "seg":
-        return _seg_model(SegConfig(**config))
-    if kind == "cls":
-        return _cls_model(ClsConfig(**config))
-    raise ValueError(f"unknown checkpoint kind {kind!r}")
-
 
 # --------------------------------------------------------------------------
-# Checkpoints
+# RNG state (exact resume)
 # --------------------------------------------------------------------------
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "_orig_mod", model)     # torch.compile wraps the module
-
 
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
@@ -103,35 +81,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename (atomic)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None) -> dict[str, Any]:
-    """Load a lungseg checkpoint safely (``weights_only=True``), checking its kind."""
-    path = Path(path)
-    if not path.is_file():
-        raise TrainingError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, not a torch file, pickled objects
-        raise TrainingError(f"{path}: not a loadable lungseg checkpoint ({type(exc).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise TrainingError(f"{path}: not a lungseg checkpoint (format {CHECKPOINT_FORMAT})")
-    if kind is not None and ckpt["kind"] != kind:
-        raise TrainingError(f"{path}: a {ckpt['kind']} checkpoint, expected a {kind} checkpoint")
-    return ckpt
-
-
-def load_model(path: str | os.PathLike, *, kind: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """A network with a checkpoint's weights, in eval mode, and the checkpoint."""
-    ckpt = load_checkpoint(path, kind=kind)
-    model = build_model(ckpt["kind"], ckpt["config"])
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 # --------------------------------------------------------------------------
@@ -154,7 +107,7 @@ def train_one_epoch(model, loader, loss_fn: Callable, optimizer, *, device, prec
     for i, (x, y) in enumerate(_batches(loader, max_batches)):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, precision):
+        with precision_context(device, precision):
             out = model(x)
         loss = loss_fn(out.float(), y)
         if not torch.isfinite(loss):
@@ -179,14 +132,6 @@ def train_one_epoch(model, loader, loss_fn: Callable, optimizer, *, device, prec
     return total / max(count, 1)
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return autocast_context(device, enabled=False)
-    if precision == "auto":
-        return autocast_context(device)
-    return autocast_context(device, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 @torch.no_grad()
 def validate_seg(model, loader, loss_fn: Callable, *, device, precision: str, threshold: float = 0.5,
                  max_batches: int = 0) -> dict[str, float]:
@@ -195,7 +140,7 @@ def validate_seg(model, loader, loss_fn: Callable, *, device, precision: str, th
     total, count, tp, fp, fn = 0.0, 0, 0, 0, 0
     for x, y in _batches(loader, max_batches):
         x, y = x.to(device), y.to(device)
-        with _autocast(device, precision):
+        with precision_context(device, precision):
             out = model(x)
         out = out.float()
         total += loss_fn(out, y).item() * x.shape[0]
@@ -216,7 +161,7 @@ def predict_cls(model, loader, *, device, precision: str, max_batches: int = 0) 
     model.eval()
     labels, probs = [], []
     for x, y in _batches(loader, max_batches):
-        with _autocast(device, precision):
+        with precision_context(device, precision):
             out = model(x.to(device))
         probs.append(torch.softmax(out.float(), dim=1)[:, 1].cpu().numpy())
         labels.append(y.numpy())
@@ -234,6 +179,65 @@ def validate_cls(model, loader, *, device, precision: str, max_batches: int = 0)
 
 
 # --------------------------------------------------------------------------
+# The table of tasks
+# --------------------------------------------------------------------------
+
+class ClsLoss:
+    """The classifier's loss (eq. 4, NLL of the softmax), with :class:`SegLoss`'s interface."""
+
+    def kind(self, epoch: int) -> str:
+        return "nll"
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor, *, epoch: int) -> torch.Tensor:
+        return nll_loss(logits, target)
+
+
+def _validate_seg(model, loader, loss_fn, cfg: SegConfig, device) -> dict[str, float]:
+    return validate_seg(model, loader, loss_fn, device=device, precision=cfg.precision, threshold=cfg.threshold)
+
+
+def _validate_cls(model, loader, loss_fn, cfg: ClsConfig, device) -> dict[str, float]:
+    return validate_cls(model, loader, device=device, precision=cfg.precision)
+
+
+def _cls_metric(val_ds: RoiDataset) -> str:
+    if len(val_ds) and len(set(val_ds.labels.tolist())) < 2:
+        log.warning("the validation split holds one class only: choosing the best epoch by accuracy, not AUC")
+        return "accuracy"
+    return "auc"
+
+
+@dataclass(frozen=True)
+class Task:
+    """What one training task brings to the loop: everything else is shared."""
+
+    kind: str                                      # the checkpoint's kind
+    dataset: type                                  # built as dataset(cache, uids, augment=, seed=)
+    items: str                                     # what the dataset holds, for messages
+    make_loss: Callable[[Any], Any]                # cfg -> loss(logits, target, epoch=) with .kind(epoch)
+    validate: Callable[..., dict[str, float]]      # (model, loader, loss_fn, cfg, device) -> scores
+    metric: Callable[[Any], str]                   # validation dataset -> metric that picks best.pt
+
+
+#: Training tasks by config type (:mod:`lungseg.configs`).
+TASKS: dict[type, Task] = {
+    SegConfig: Task("seg", SubcaseDataset, "sub-cases", lambda cfg: SegLoss(schedule=cfg.loss,
+                                                                             switch_epoch=cfg.switch_epoch),
+                    _validate_seg, lambda val_ds: "dice"),
+    ClsConfig: Task("cls", RoiDataset, "labelled nodules", lambda cfg: ClsLoss(), _validate_cls, _cls_metric),
+}
+
+
+def task_for(cfg: TrainConfig) -> Task:
+    """The task a config trains."""
+    try:
+        return TASKS[type(cfg)]
+    except KeyError:
+        raise TypeError(f"no training task for {type(cfg).__name__}; tasks: "
+                        f"{', '.join(t.__name__ for t in TASKS)}") from None
+
+
+# --------------------------------------------------------------------------
 # The epoch loop
 # --------------------------------------------------------------------------
 
@@ -247,119 +251,119 @@ class Callbacks:
     on_epoch_end: Callable[[dict], None] | None = None
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+@dataclass
+class _Data:
+    cache: Cache
+    train: Any
+    val: Any
+    validate: bool
 
 
-def fit(kind: str, cfg: SegConfig | ClsConfig, cache_path: str | os.PathLike, out: str | os.PathLike, *,
+def _load_data(task: Task, cfg: TrainConfig, cache_path) -> _Data:
+    """The train and validation datasets of the split file; refuses an empty train or named-but-empty val split."""
+    cache = Cache(cache_path)
+    split = read_split(cfg.split_file)
+    train_ds, val_ds = (task.dataset(cache, split_scans(cache, split, name), augment=augment, seed=cfg.seed)
+                        for name, augment in (("train", cfg.augment), ("val", False)))
+    if len(train_ds) == 0:
+        raise TrainingError(f"{cache_path}: the train split of {cfg.split_file} has no {task.items}")
+    validate = len(val_ds) > 0
+    if not validate:
+        if any(v == "val" for v in split.values()):
+            raise TrainingError(f"{cache_path}: the val split of {cfg.split_file} has no {task.items}")
+        log.warning("%s has no val split: training for a fixed %d epochs without validation; "
+                    "last.pt is the model", cfg.split_file, cfg.epochs)
+    return _Data(cache, train_ds, val_ds, validate)
+
+
+def _resume(task: Task, cfg: TrainConfig, out: Path, state: dict[str, Any]) -> tuple[int, float]:
+    """Load ``out/last.pt`` into the model, optimizer, scheduler, scaler and RNGs: (start epoch, best)."""
+    last = out / "last.pt"
+    ckpt = load_checkpoint(last, kind=task.kind)
+    if ckpt["config"].get("arch") != cfg.arch:
+        raise TrainingError(f"{last}: a {ckpt['config'].get('arch')} checkpoint; this run trains {cfg.arch}")
+    for name in ("model", "optimizer", "scheduler"):
+        state[name].load_state_dict(ckpt[name])
+    if state["scaler"] is not None and ckpt.get("scaler"):
+        state["scaler"].load_state_dict(ckpt["scaler"])
+    _set_rng_state(ckpt["rng"])
+    _truncate_log(out / "log.jsonl", ckpt["epoch"])
+    return ckpt["epoch"], ckpt["best_metric"]
+
+
+def _payload(task: Task, cfg: TrainConfig, state: dict[str, Any], data: _Data, cache_path, *, epoch: int,
+             best: float, metric: str, scores: dict) -> dict[str, Any]:
+    """A checkpoint (format of :mod:`lungseg.checkpoints`) after ``epoch`` epochs."""
+    scaler = state["scaler"]
+    return {
+        "format": CHECKPOINT_FORMAT, "kind": task.kind, "config": cfg.to_dict(),
+        "model": unwrap(state["model"]).state_dict(), "optimizer": state["optimizer"].state_dict(),
+        "scheduler": state["scheduler"].state_dict(), "scaler": scaler.state_dict() if scaler else {},
+        "rng": _rng_state(), "epoch": epoch, "best_metric": best, "metric": metric,
+        "val": scores, "lungseg_version": _version(),
+        "preprocess": data.cache.config,
+        "data": {"cache": str(cache_path), "split_file": cfg.split_file,
+                 "train_items": len(data.train), "val_items": len(data.val)},
+    }
+
+
+def fit(cfg: TrainConfig, cache_path: str | os.PathLike, out: str | os.PathLike, *,
         resume: bool = False, callbacks: Callbacks | None = None) -> dict[str, Any]:
-    """Train a segmentation (``kind="seg"``) or classification (``"cls"``) network.
+    """Train the network of ``cfg`` (a :class:`SegConfig` or :class:`ClsConfig`) on a cache.
 
     Returns a summary: run folder, epochs run, best metric and where the
     checkpoints are. With ``resume`` the run continues from ``out/last.pt``.
     """
-    cb = callbacks or Callbacks()
-    out = Path(out)
-    cache = Cache(cache_path)
-    split = read_split(cfg.split_file)
-    uids = {name: split_scans(cache, split, name) for name in ("train", "val")}
-    Data = SubcaseDataset if kind == "seg" else RoiDataset
-    train_ds = Data(cache, uids["train"], augment=cfg.augment, seed=cfg.seed)
-    val_ds = Data(cache, uids["val"], augment=False, seed=cfg.seed)
-    items = "sub-cases" if kind == "seg" else "labelled nodules"
-    if len(train_ds) == 0:
-        raise TrainingError(f"{cache_path}: the train split of {cfg.split_file} has no {items}")
-    validate = len(val_ds) > 0
-    if not validate:
-        if any(v == "val" for v in split.values()):
-            raise TrainingError(f"{cache_path}: the val split of {cfg.split_file} has no {items}")
-        log.warning("%s has no val split: training for a fixed %d epochs without validation; "
-                    "last.pt is the model", cfg.split_file, cfg.epochs)
-    metric_name = "dice" if kind == "seg" else "auc"
-    if kind == "cls" and validate and len(set(val_ds.labels.tolist())) < 2:
-        metric_name = "accuracy"
-        log.warning("the validation split holds one class only: choosing the best epoch by accuracy, not AUC")
+    task, cb, out = task_for(cfg), callbacks or Callbacks(), Path(out)
+    data = _load_data(task, cfg, cache_path)
+    metric_name = task.metric(data.val)
 
     device = resolve_device(cfg.device)
     _seed_everything(cfg.seed)
-    model = (_seg_model if kind == "seg" else _cls_model)(cfg).to(device)
+    model = cfg.build_model().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.lr_milestones),
-                                                     gamma=cfg.lr_gamma)
-    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
-    start_epoch, best = 0, -math.inf
+    state = {"model": model, "optimizer": optimizer,
+             "scheduler": torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.lr_milestones),
+                                                               gamma=cfg.lr_gamma),
+             "scaler": torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None}
 
     out.mkdir(parents=True, exist_ok=True)
     last_path, best_path, log_path = out / "last.pt", out / "best.pt", out / "log.jsonl"
+    start_epoch, best = 0, -math.inf
     if resume:
-        ckpt = load_checkpoint(last_path, kind=kind)
-        if ckpt["config"].get("arch") != cfg.arch:
-            raise TrainingError(f"{last_path}: a {ckpt['config'].get('arch')} checkpoint; this run "
-                                f"trains {cfg.arch}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"])
-        start_epoch, best = ckpt["epoch"], ckpt["best_metric"]
-        _truncate_log(log_path, start_epoch)
+        start_epoch, best = _resume(task, cfg, out, state)
         log.info("resuming %s at epoch %d (best %s %.4f)", out, start_epoch, metric_name, best)
     elif last_path.exists():
         raise TrainingError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
-    (out / "config.json").write_text(json.dumps({"kind": kind, **cfg.to_dict()}, indent=2))
+    (out / "config.json").write_text(json.dumps({"kind": task.kind, **cfg.to_dict()}, indent=2))
 
     train_model = torch.compile(model) if cfg.compile else model
     loader_args = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda")
-    train_sampler = EpochSampler(len(train_ds), seed=cfg.seed, shuffle=True,
-                                 labels=getattr(train_ds, "labels", None),
-                                 balanced=getattr(cfg, "balance", False))
-    train_loader = DataLoader(train_ds, sampler=train_sampler, drop_last=False, **loader_args)
-    val_loader = DataLoader(val_ds, sampler=EpochSampler(len(val_ds), shuffle=False), **loader_args)
-    if kind == "seg":
-        seg_loss = SegLoss(schedule=cfg.loss, switch_epoch=cfg.switch_epoch)
+    train_sampler = EpochSampler(len(data.train), seed=cfg.seed, shuffle=True,
+                                 labels=getattr(data.train, "labels", None), balanced=getattr(cfg, "balance", False))
+    train_loader = DataLoader(data.train, sampler=train_sampler, drop_last=False, **loader_args)
+    val_loader = DataLoader(data.val, sampler=EpochSampler(len(data.val), shuffle=False), **loader_args)
+    loss = task.make_loss(cfg)
     epochs_run = 0
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         train_sampler.set_epoch(epoch)
-        n_batches = len(train_loader) if not cfg.max_batches else min(cfg.max_batches, len(train_loader))
         if cb.on_epoch_start:
-            cb.on_epoch_start(epoch, n_batches)
-        if kind == "seg":
-            loss_fn = lambda logits, target, e=epoch: seg_loss(logits, target, epoch=e)  # noqa: E731
-        else:
-            loss_fn = nll_loss
+            cb.on_epoch_start(epoch, min(cfg.max_batches, len(train_loader)) if cfg.max_batches else len(train_loader))
+        loss_fn = lambda logits, target, e=epoch: loss(logits, target, epoch=e)  # noqa: E731
         lr = optimizer.param_groups[0]["lr"]
         train_loss = train_one_epoch(train_model, train_loader, loss_fn, optimizer, device=device,
-                                     precision=cfg.precision, scaler=scaler, grad_clip=cfg.grad_clip,
+                                     precision=cfg.precision, scaler=state["scaler"], grad_clip=cfg.grad_clip,
                                      max_batches=cfg.max_batches, on_batch=cb.on_batch)
-        scheduler.step()
-        if not validate:
-            scores = {}
-        elif kind == "seg":
-            scores = validate_seg(model, val_loader, loss_fn, device=device, precision=cfg.precision,
-                                  threshold=cfg.threshold)
-        else:
-            scores = validate_cls(model, val_loader, device=device, precision=cfg.precision)
+        state["scheduler"].step()
+        scores = task.validate(model, val_loader, loss_fn, cfg, device) if data.validate else {}
         value = scores.get(metric_name, math.nan)
         improved = not math.isnan(value) and value > best
-        if improved:
-            best = value
-        record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, **scores,
-                  "loss_kind": seg_loss.kind(epoch) if kind == "seg" else "nll",
+        best = value if improved else best
+        record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, **scores, "loss_kind": loss.kind(epoch),
                   "best": improved, "seconds": round(time.perf_counter() - t0, 2)}
-        payload = {
-            "format": CHECKPOINT_FORMAT, "kind": kind, "config": cfg.to_dict(),
-            "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else {},
-            "rng": _rng_state(), "epoch": epoch + 1, "best_metric": best, "metric": metric_name,
-            "val": scores, "lungseg_version": _version(),
-            "preprocess": cache.config,
-            "data": {"cache": str(cache_path), "split_file": cfg.split_file,
-                     "train_items": len(train_ds), "val_items": len(val_ds)},
-        }
+        payload = _payload(task, cfg, state, data, cache_path, epoch=epoch + 1, best=best, metric=metric_name,
+                           scores=scores)
         save_checkpoint(last_path, payload)
         if improved:
             save_checkpoint(best_path, payload)

@@ -146,7 +146,7 @@ def tiny_trained(tiny_lidc, tmp_path_factory):
     split = work / "split.csv"
     split.write_text("patient_id,split\nLIDC-IDRI-9001,train\nLIDC-IDRI-9002,val\nLIDC-IDRI-9003,test\n")
     common = dict(epochs=1, split_file=str(split), device="cpu", precision="fp32")
-    train.fit("seg", train.SegConfig(widths=(2, 4, 8, 16, 32), batch_size=2, **common), work / "c.h5", work / "seg")
-    train.fit("cls", train.ClsConfig(width=4, batch_size=2, **common), work / "c.h5", work / "cls")
+    train.fit(train.SegConfig(widths=(2, 4, 8, 16, 32), batch_size=2, **common), work / "c.h5", work / "seg")
+    train.fit(train.ClsConfig(width=4, batch_size=2, **common), work / "c.h5", work / "cls")
     return {"root": root, "db": db_path, "cache": work / "c.h5", "split": split,
             "seg": work / "seg" / "best.pt", "cls": work / "cls" / "best.pt"}

@@ -133,3 +133,15 @@ def test_a_kill_at_any_moment_leaves_a_readable_cache_and_a_rerun_completes(tmp_
             expected = np.random.default_rng(i).random((3, 32, 64, 64)).astype(np.float16)
             np.testing.assert_array_equal(c.scan(f"1.{i}")["subcases/image"][()], expected)
     assert not [p for p in os.listdir(cache.scans_dir(path)) if p.endswith(".tmp")]
+
+
+def test_size_category_of_numbers_and_arrays():
+    d = [0.0, 3.0, 5.0, 5.01, 10.0, 10.5, 30.0, 30.1, 120.0]
+    idx = cache.size_category(d)
+    assert idx.tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3]
+    assert idx.tolist() == [cache.size_category(x) for x in d]
+    assert isinstance(cache.size_category(5.0), int)
+    assert tuple(name for _, name in cache.SIZE_CATEGORIES) == ("micro", "small", "nodule", "mass")
+    for bad in ([float("nan")], [-1.0], [float("inf")]):
+        with pytest.raises(ValueError):
+            cache.size_category(bad)

@@ -116,23 +116,6 @@ def test_raw_values_are_refused_as_not_hu(tmp_path):
     assert result.status == "failed" and "Hounsfield" in result.message
 
 
-def test_patient_folds_keep_patients_together_and_balance():
-    rng = np.random.default_rng(1)
-    patients = [f"P{i}" for i in range(60) for _ in range(int(rng.integers(1, 4)))]
-    labelled = rng.random(len(patients)) < 0.6
-    folds = crops.patient_folds(patients, labelled, k=5, seed=0)
-    assert set(folds) == set(patients) and set(folds.values()) == set(range(5))
-    per_fold = np.bincount([folds[p] for p, lab in zip(patients, labelled) if lab], minlength=5)
-    assert per_fold.max() - per_fold.min() <= 3
-    assert folds == crops.patient_folds(patients, labelled, k=5, seed=0)
-    assert folds != crops.patient_folds(patients, labelled, k=5, seed=1)
-    split = crops.fold_split(folds, 2)
-    assert {p for p, s in split.items() if s == "test"} == {p for p, f in folds.items() if f == 2}
-    assert set(crops.fold_split(folds, None).values()) == {"train"}
-    with pytest.raises(LungsegError):
-        crops.patient_folds(["a", "b"], [True, True], k=5)
-
-
 def test_presets_and_explicit_options():
     cpu = make_config("cls", "cpu")
     assert isinstance(cpu, ClsConfig) and cpu.width == 8 and cpu.lr == ClsConfig.lr
@@ -160,12 +143,12 @@ def test_cli_import_folds_train_without_val_and_evaluate_all(crop_dir, tmp_path,
     # Both labels in training: every patient trains (the _all split), no validation.
     split = tmp_path / "m" / "nodules_folds2_seed0_all.csv"
     cfg = make_config("cls", "cpu", epochs=1, batch_size=2, split_file=str(split), augment=False)
-    summary = train.fit("cls", cfg, out, tmp_path / "cls")
+    summary = train.fit(cfg, out, tmp_path / "cls")
     assert summary["best"] is None and (tmp_path / "cls" / "last.pt").exists()
     record = json.loads((tmp_path / "cls" / "log.jsonl").read_text().splitlines()[0])
     assert "val_loss" not in record and record["epoch"] == 1
     seg = make_config("seg", "cpu", epochs=1, batch_size=2, split_file=str(split), augment=False)
-    train.fit("seg", seg, out, tmp_path / "seg")
+    train.fit(seg, out, tmp_path / "seg")
 
     result = runner.invoke(main, ["evaluate", "--cache", str(out), "--seg", str(tmp_path / "seg" / "last.pt"),
                                   "--cls", str(tmp_path / "cls" / "last.pt"), "--split", "all",

@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lungseg import dicomio, infer
+from lungseg import checkpoints, dicomio, infer
 from lungseg.errors import DicomError, LungsegError
 from lungseg.preprocess import PreprocessConfig
 
@@ -113,7 +113,7 @@ def test_predict_over_a_tree_resumes_and_reports_failures(tiny_trained, tmp_path
     assert fourth[2][1] == "failed" and "missing slice" in fourth[2][2]
     assert not (out / runs[2][0].name / "nodules.json").exists()
     report = json.loads((out / runs[0][0].name / "nodules.json").read_text())
-    assert report["checkpoints"]["seg"]["sha256"] == infer.sha256(tiny_trained["seg"])
+    assert report["checkpoints"]["seg"]["sha256"] == checkpoints.sha256(tiny_trained["seg"])
 
 
 def test_bad_input_is_refused_in_one_line(tiny_trained, tmp_path):

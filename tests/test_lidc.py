@@ -98,10 +98,26 @@ def test_lidc_0001_has_one_malignant_nodule_of_four_readers(db):
 
 @pytest.mark.parametrize("median, label", [
     (1, lidc.BENIGN), (2, lidc.BENIGN), (2.5, lidc.BENIGN), (3, lidc.EXCLUDED),
-    (3.5, lidc.MALIGNANT), (4, lidc.MALIGNANT), (5, lidc.MALIGNANT),
+    (3.5, lidc.MALIGNANT), (4, lidc.MALIGNANT), (5, lidc.MALIGNANT), (-1, lidc.EXCLUDED), (0, lidc.EXCLUDED),
+    (float("nan"), lidc.EXCLUDED),
 ])
 def test_malignancy_label(median, label):
     assert lidc.malignancy_label(median) == label
+
+
+def test_an_indeterminate_rating_can_be_given_a_side():
+    assert lidc.malignancy_label(3, indeterminate=lidc.BENIGN) == lidc.BENIGN
+    assert lidc.malignancy_label(3, indeterminate=lidc.MALIGNANT) == lidc.MALIGNANT
+    assert lidc.malignancy_label(2, indeterminate=lidc.MALIGNANT) == lidc.BENIGN
+    assert lidc.malignancy_label(-1, indeterminate=lidc.MALIGNANT) == lidc.EXCLUDED
+
+
+def test_find_takes_a_patient_id_or_a_series_uid(db):
+    scans = db.find("LIDC-IDRI-0001")
+    assert [s.patient_id for s in scans] == ["LIDC-IDRI-0001"]
+    assert db.find(scans[0].series_uid) == scans
+    with pytest.raises(LidcError, match="LIDC-IDRI-9999: no such patient id or series UID"):
+        db.find("LIDC-IDRI-9999")
 
 
 def test_min_readers_filters_nodules(db):
@@ -132,17 +148,6 @@ def test_scan_problem_detects_gaps_and_duplicates():
     assert lidc.scan_problem(rec([0, 2.5, 7.5, 10])).startswith("missing slices")
     assert lidc.scan_problem(rec([0, 2.5, 4.0, 6.5])).startswith("uneven slice spacing")
     assert lidc.scan_problem(rec([0, 2.5, 2.5, 5])).startswith("duplicate")
-
-
-def test_patient_split_is_seeded_and_disjoint():
-    patients = [f"P{i:03d}" for i in range(200)]
-    a = lidc.patient_split(patients, seed=3)
-    assert a == lidc.patient_split(list(reversed(patients)), seed=3)
-    assert a != lidc.patient_split(patients, seed=4)
-    counts = {s: list(a.values()).count(s) for s in ("train", "val", "test")}
-    assert counts == {"train": 170, "val": 10, "test": 20}
-    with pytest.raises(ValueError):
-        lidc.patient_split(patients, fractions=(0.5, 0.5, 0.5))
 
 
 def test_committed_manifests_are_what_the_command_writes(tmp_path):

@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 
-from lungseg import cache
 from lungseg import metrics as m
 
 # ---- voxel measures -------------------------------------------------------------------------
@@ -40,17 +39,6 @@ def test_mask_shape_mismatch_raises():
 
 
 # ---- size categories ------------------------------------------------------------------------
-
-def test_size_categories_come_from_the_cache_module():
-    d = [0.0, 3.0, 5.0, 5.01, 10.0, 10.5, 30.0, 30.1, 120.0]
-    idx = m.size_category_index(d)
-    assert idx.tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3]
-    assert idx.tolist() == [cache.size_category(x) for x in d]
-    assert m.CATEGORY_NAMES == ("micro", "small", "nodule", "mass")
-    for bad in ([float("nan")], [-1.0], [float("inf")]):
-        with pytest.raises(ValueError):
-            m.size_category_index(bad)
-
 
 def test_per_category_table_hand_worked():
     table = m.per_category_table([4, 8, 9, 20], {"dice": [0.2, 0.5, 0.7, 0.9], "recall": [0, 1, 1, 1]})

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lungseg import cache, train
-from lungseg.datasets import EpochSampler, RoiDataset, SubcaseDataset, augment, read_split
-from lungseg.errors import LungsegError
+from lungseg.datasets import EpochSampler, RoiDataset, SubcaseDataset, augment
+from lungseg.splits import read_split, split_scans
 
 PATIENTS = {"P1": "train", "P2": "train", "P3": "train", "P4": "val", "P5": "val"}
 SEG = dict(widths=(2, 4, 8, 16, 32), batch_size=2, device="cpu", precision="fp32", workers=0)
@@ -61,7 +61,6 @@ def test_datasets_read_the_split_and_augment_consistently(tiny):
     path, split_file = tiny
     split = read_split(split_file)
     c = cache.Cache(path)
-    from lungseg.datasets import split_scans
     train_uids = split_scans(c, split, "train")
     assert train_uids == ["1.0", "1.1", "1.2"]
     seg = SubcaseDataset(c, train_uids, augment=True, seed=1)
@@ -91,20 +90,11 @@ def test_sampler_is_seeded_per_epoch_and_balances():
     assert 0.4 < drawn.mean() < 0.6
 
 
-def test_read_split_refuses_bad_files(tmp_path):
-    with pytest.raises(LungsegError, match="no such split file"):
-        read_split(tmp_path / "none.csv")
-    bad = tmp_path / "bad.csv"
-    bad.write_text("patient_id,split\nP1,training\n")
-    with pytest.raises(LungsegError, match="unknown split"):
-        read_split(bad)
-
-
 def test_seg_training_writes_run_folder_and_safe_checkpoints(tiny, tmp_path):
     path, split = tiny
     cfg = train.SegConfig(epochs=2, lr=1e-2, switch_epoch=1, split_file=split, **SEG)
     seen = []
-    summary = train.fit("seg", cfg, path, tmp_path / "run",
+    summary = train.fit(cfg, path, tmp_path / "run",
                         callbacks=train.Callbacks(on_epoch_end=seen.append))
     assert summary["epochs_run"] == 2 and len(seen) == 2
     log = train.read_log(tmp_path / "run" / "log.jsonl")
@@ -119,7 +109,7 @@ def test_seg_training_writes_run_folder_and_safe_checkpoints(tiny, tmp_path):
     assert model(torch.zeros(1, 1, 16, 32, 32)).shape == (1, 1, 16, 32, 32)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["kind"] == "seg"
     with pytest.raises(train.TrainingError, match="already holds a run"):
-        train.fit("seg", cfg, path, tmp_path / "run")
+        train.fit(cfg, path, tmp_path / "run")
     with pytest.raises(train.TrainingError, match="expected a cls checkpoint"):
         train.load_checkpoint(tmp_path / "run" / "last.pt", kind="cls")
 
@@ -134,7 +124,7 @@ def test_resume_after_an_interruption_gives_the_same_losses(tiny, tmp_path, kind
     Config = train.SegConfig if kind == "seg" else train.ClsConfig
     extra = dict(switch_epoch=1, lr_milestones=(2,)) if kind == "seg" else dict(balance=True, lr=1e-3)
     cfg = Config(epochs=3, split_file=split, seed=5, **extra, **options)
-    train.fit(kind, cfg, path, tmp_path / "whole")
+    train.fit(cfg, path, tmp_path / "whole")
 
     state = {"epoch": None}
 
@@ -146,9 +136,9 @@ def test_resume_after_an_interruption_gives_the_same_losses(tiny, tmp_path, kind
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train.fit(kind, cfg, path, tmp_path / "cut", callbacks=train.Callbacks(on_start, on_batch))
+        train.fit(cfg, path, tmp_path / "cut", callbacks=train.Callbacks(on_start, on_batch))
     assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["epoch"] == 1
-    summary = train.fit(kind, cfg, path, tmp_path / "cut", resume=True)
+    summary = train.fit(cfg, path, tmp_path / "cut", resume=True)
     assert summary["epochs_run"] == 2
     whole = train.read_log(tmp_path / "whole" / "log.jsonl")
     cut = train.read_log(tmp_path / "cut" / "log.jsonl")
@@ -161,7 +151,7 @@ def test_resume_after_an_interruption_gives_the_same_losses(tiny, tmp_path, kind
 def test_cls_training_reports_auc_and_accuracy(tiny, tmp_path):
     path, split = tiny
     cfg = train.ClsConfig(epochs=2, lr=1e-3, split_file=split, **CLS)
-    train.fit("cls", cfg, path, tmp_path / "run")
+    train.fit(cfg, path, tmp_path / "run")
     log = train.read_log(tmp_path / "run" / "log.jsonl")
     assert all(0 <= r["auc"] <= 1 and 0 <= r["accuracy"] <= 1 for r in log)
     model, ckpt = train.load_model(tmp_path / "run" / "last.pt")
@@ -176,13 +166,13 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny, tmp_path):
     shutil.copy(path, copy)
     shutil.copytree(cache.scans_dir(path), cache.scans_dir(copy))
     cfg = train.SegConfig(epochs=1, split_file=split, **SEG)
-    train.fit("seg", cfg, copy, tmp_path / "run")
+    train.fit(cfg, copy, tmp_path / "run")
     for uid in ("1.0", "1.1", "1.2"):
         with h5py.File(cache.scans_dir(copy) / f"{uid}.h5", "a") as f:
             f["subcases/image"][0, 0, 0, 0] = np.nan
     more = train.SegConfig(epochs=2, split_file=split, **SEG)
     with pytest.raises(train.TrainingError, match="loss became nan"):
-        train.fit("seg", more, copy, tmp_path / "run", resume=True)
+        train.fit(more, copy, tmp_path / "run", resume=True)
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
@@ -193,16 +183,16 @@ def test_refuses_empty_split_and_other_architecture(tiny, tmp_path):
     only_test = tmp_path / "test.csv"
     only_test.write_text("patient_id,split\n" + "".join(f"{p},test\n" for p in PATIENTS))
     with pytest.raises(train.TrainingError, match="the train split"):
-        train.fit("seg", train.SegConfig(epochs=1, split_file=str(only_test), **SEG), path, tmp_path / "a")
+        train.fit(train.SegConfig(epochs=1, split_file=str(only_test), **SEG), path, tmp_path / "a")
     # A val split that is named but holds none of the cache's patients is an error, not "no validation".
     absent_val = tmp_path / "absent.csv"
     absent_val.write_text("patient_id,split\n" + "".join(f"{p},train\n" for p in PATIENTS) + "LIDC-IDRI-0000,val\n")
     with pytest.raises(train.TrainingError, match="the val split"):
-        train.fit("seg", train.SegConfig(epochs=1, split_file=str(absent_val), **SEG), path, tmp_path / "a")
-    train.fit("seg", train.SegConfig(epochs=1, split_file=split, **SEG), path, tmp_path / "b")
+        train.fit(train.SegConfig(epochs=1, split_file=str(absent_val), **SEG), path, tmp_path / "a")
+    train.fit(train.SegConfig(epochs=1, split_file=split, **SEG), path, tmp_path / "b")
     other = train.SegConfig(epochs=2, split_file=split, arch="unet3d", **SEG)
     with pytest.raises(train.TrainingError, match="a resunet3d checkpoint"):
-        train.fit("seg", other, path, tmp_path / "b", resume=True)
+        train.fit(other, path, tmp_path / "b", resume=True)
 
 
 def test_command_line_trains_and_resumes(tiny, tmp_path):
