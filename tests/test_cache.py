@@ -108,6 +108,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_kill_at_any_moment_leaves_a_readable_cache_and_a_rerun_completes(tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(WRITER)

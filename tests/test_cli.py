@@ -10,7 +10,12 @@ from click.testing import CliRunner
 import cli
 from cli import main
 
-COMMANDS = ["preprocess", "info", "manifest", "train-seg", "train-cls", "evaluate", "predict", "demo"]
+COMMANDS = ["synth", "preprocess", "info", "import-crops", "folds", "manifest", "train-seg", "train-cls",
+            "evaluate", "predict", "demo"]
+
+
+def test_the_command_list_is_complete():
+    assert sorted(main.commands) == sorted(COMMANDS)
 
 
 def test_every_command_has_help():
@@ -76,3 +81,33 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.output
     result = runner.invoke(main, ["preprocess", "--lidc-root", str(empty), "--out", "x.h5", "--spacing", "0", "1", "1"])
     assert result.exit_code == 2 and "spacing must be positive" in result.output
+
+
+def test_bad_fractions_are_refused_before_anything_is_written(tmp_path):
+    result = CliRunner().invoke(main, ["manifest", "--out", str(tmp_path / "m"), "--fractions", "0.5", "0.5", "0.5"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "--fractions" in result.output and "summing to 1" in result.output
+    assert not (tmp_path / "m").exists()
+
+
+def test_bad_widths_are_a_one_line_error(tiny_trained, tmp_path):
+    args = ["train-seg", "--cache", str(tiny_trained["cache"]), "--split-file", str(tiny_trained["split"]),
+            "--out", str(tmp_path / "run")]
+    for widths, message in (("8", "at least 2 entries"), ("8,0,4", "widths must be positive"),
+                            ("8,x", "comma-separated integers")):
+        result = CliRunner().invoke(main, [*args, "--widths", widths])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_defaults_come_from_the_configs():
+    from lungseg.configs import ClsConfig, SegConfig
+    from lungseg.splits import DEFAULT_SPLIT_FILE
+
+    runner = CliRunner()
+    seg = runner.invoke(main, ["train-seg", "--help"]).output
+    assert f"paper A's {SegConfig.epochs}" in seg and DEFAULT_SPLIT_FILE.name in seg
+    assert "resunet3d|unet3d" in seg.replace("\n", "").replace(" ", "")
+    cls = runner.invoke(main, ["train-cls", "--help"]).output
+    assert f"paper A's {ClsConfig.epochs}" in cls and "resnet3d50_plain" in cls

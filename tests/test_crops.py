@@ -125,6 +125,7 @@ def test_presets_and_explicit_options():
         make_config("seg", "gpu")
 
 
+@pytest.mark.slow
 def test_cli_import_folds_train_without_val_and_evaluate_all(crop_dir, tmp_path, monkeypatch):
     from cli import main
 

@@ -71,3 +71,16 @@ def test_explicit_bf16_autocast_on_cpu_and_bad_dtype():
         assert lin(torch.rand(2, 4)).dtype == torch.bfloat16
     with pytest.raises(ValueError):
         dv.autocast_context("cpu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("precision, native, expected", [
+    ("fp32", True, torch.float32), ("auto", False, torch.float32), ("auto", True, torch.bfloat16),
+    ("bf16", False, torch.bfloat16), ("fp16", False, torch.float16),
+])
+def test_precision_setting_maps_to_one_autocast(monkeypatch, precision, native, expected):
+    monkeypatch.setattr(dv, "cpu_has_native_bf16", lambda: native)
+    lin = torch.nn.Linear(4, 4)
+    with dv.precision_context("cpu", precision):
+        assert lin(torch.rand(2, 4)).dtype == expected
+    with pytest.raises(ValueError, match="precision must be"):
+        dv.precision_context("cpu", "int8")

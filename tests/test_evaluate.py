@@ -1,9 +1,11 @@
 """evaluate.py: the paper's tables from a cache and checkpoints, JSON keys, protocols."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from lungseg import evaluate
@@ -60,3 +62,29 @@ def test_command_line_and_refusals(tiny_trained, all_test, tmp_path):
                           split="val", split_file=all_test)
     with pytest.raises(LungsegError, match="give a segmentation checkpoint"):
         evaluate.evaluate(tiny_trained["cache"], seg=None, cls=None, out=tmp_path, split_file=all_test)
+
+
+class _Spy(torch.nn.Module):
+    """A segmenter of overconfident logits that records whether autocast was on."""
+
+    def __init__(self, logit):
+        super().__init__()
+        self.logit, self.autocast = logit, []
+
+    def forward(self, x):
+        self.autocast.append(torch.is_autocast_enabled("cpu"))
+        return torch.full_like(x, self.logit)
+
+
+@pytest.mark.parametrize("precision, autocast", [("bf16", True), ("fp32", False)])
+def test_evaluate_honours_precision_and_confident_logits_do_not_overflow(tiny_trained, precision, autocast):
+    cache = Cache(tiny_trained["cache"])
+    for logit in (1e4, -1e4):
+        spy = _Spy(logit)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")          # np.exp overflow warned here before
+            out = evaluate.evaluate_segmentation(spy, cache, cache.series_uids, device=torch.device("cpu"),
+                                                 precision=precision)
+        assert spy.autocast and all(a == autocast for a in spy.autocast)
+        recall = out["per_size_category"]["all"]["recall"]
+        assert recall == (1.0 if logit > 0 else 0.0)

@@ -26,6 +26,7 @@ def pl():
     return lidc.import_pylidc()
 
 
+@pytest.mark.slow
 def test_shim_imports_pylidc_without_touching_numpy_or_setuptools():
     code = (
         "import sys, numpy as np\n"
@@ -60,6 +61,7 @@ def test_unknown_scan_and_ambiguous_patient(db):
         db.scan(patient_id=twice)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("patient", SAMPLE)
 def test_clusters_and_consensus_masks_equal_pylidc(db, pl, patient):
     from pylidc.utils import consensus
@@ -150,6 +152,7 @@ def test_scan_problem_detects_gaps_and_duplicates():
     assert lidc.scan_problem(rec([0, 2.5, 2.5, 5])).startswith("duplicate")
 
 
+@pytest.mark.slow
 def test_committed_manifests_are_what_the_command_writes(tmp_path):
     from click.testing import CliRunner
 

@@ -186,6 +186,7 @@ def test_workers_give_the_same_cache(tiny_lidc, tiny_db, tmp_path):
             np.testing.assert_array_equal(a.scan(uid)["subcases/image"][()], b.scan(uid)["subcases/image"][()])
 
 
+@pytest.mark.slow
 def test_real_lidc_0001_preprocess_and_info(shared_data, tmp_path):
     """The foundation's acceptance check on the real scan, through the command line."""
     from cli import main

@@ -198,6 +198,7 @@ def test_drawn_nodule_hu_follows_texture_and_calcification():
 # Default scans and the command line
 # --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_default_twin_scans_cover_all_sizes_and_both_labels(db):
     records = synth.default_twin_scans(db, 3)
     assert len(records) == 3 and all(r.n_slices <= 150 for r in records)
