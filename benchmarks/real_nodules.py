@@ -41,9 +41,13 @@ from pathlib import Path
 
 import numpy as np
 
+from lungseg.splits import MANIFESTS_DIR, fold_files
+
 ROOT = Path(__file__).resolve().parents[1]
 K, SEED = 5, 0
 FOLDS_STEM = f"nodules_folds{K}_seed{SEED}"
+#: The committed fold files ("folds", "fold0".."fold4", "all"), named as `lungseg folds` names them.
+FOLD_FILES = fold_files(MANIFESTS_DIR, "nodules", K, SEED)
 
 #: name -> (kind, extra train options, trained on all patients too)
 MODELS = {
@@ -112,7 +116,7 @@ def train_jobs(models: list[str], out: Path, cache: Path) -> list[tuple[str, str
     for name, fold in order:
         kind, extra, _ = MODELS[name]
         run = out / "runs" / name / fold
-        split = ROOT / "data_manifests" / f"{FOLDS_STEM}_{fold}.csv"
+        split = FOLD_FILES[fold]
         cmd = lungseg(f"train-{kind}", "--cache", cache, "--split-file", split, "--out", run, *extra)
         jobs.append((name, fold, run, cmd))
     return jobs
@@ -157,7 +161,7 @@ def main() -> None:
         if not (cache.exists() and (out / "import.done").exists()):
             timing["import"] = runner(lungseg("import-crops", args.data.resolve(), "--out", cache))
             (out / "import.done").write_text("")
-        runner(lungseg("folds", cache, "--k", K, "--seed", SEED, "--out", ROOT / "data_manifests"))
+        runner(lungseg("folds", cache, "--k", K, "--seed", SEED, "--out", MANIFESTS_DIR))
         changed = subprocess.run(["git", "status", "--porcelain", "data_manifests"], cwd=ROOT,
                                  capture_output=True, text=True).stdout.strip()
         if changed:
@@ -197,7 +201,7 @@ def evaluate_runs(models: list[str], out: Path, cache: Path, runner: Runner) -> 
             result = dest / "evaluation.json"
             if result.exists() and result.stat().st_mtime > (run / "last.pt").stat().st_mtime:
                 continue
-            split = ROOT / "data_manifests" / f"{FOLDS_STEM}_fold{i}.csv"
+            split = FOLD_FILES[f"fold{i}"]
             dest.mkdir(parents=True, exist_ok=True)
             runner(lungseg("evaluate", "--cache", cache, f"--{kind}", run / "last.pt", "--split", "test",
                            "--split-file", split, "--bootstrap", 200, "--out", dest), env=env,
@@ -289,10 +293,10 @@ def baselines(out: Path, cache_path: Path, data: Path) -> dict[str, list[dict]]:
     cached = out / "baseline_rows.json"
     if cached.exists():
         return json.loads(cached.read_text())
-    folds = {r["patient_id"]: int(r["fold"]) for r in csv_rows(ROOT / "data_manifests" / f"{FOLDS_STEM}.csv")}
-    window_low, window_high = -1000.0, 400.0
+    folds = {r["patient_id"]: int(r["fold"]) for r in csv_rows(FOLD_FILES["folds"])}
     cls_rows, seg_roi, seg_crop = [], [], []
     with Cache(cache_path) as cache:
+        window_low, window_high = cache.config["window"]      # the cache's own lung window
         for uid in cache.series_uids:
             g = cache.scan(uid)
             table = cache.nodule_table(uid)

@@ -53,7 +53,7 @@ from scipy import ndimage
 
 from . import lidc
 from .cache import CacheWriter, ScanRecordData, equivalent_diameter_mm, size_category
-from .dicomio import nifti_affine, read_nifti_mask, read_nifti_volume
+from .dicomio import CTVolume, nifti_affine, read_nifti_mask, read_nifti_volume
 from .errors import LungsegError
 from .preprocess import PreprocessConfig, roi_centre, window
 
@@ -168,11 +168,10 @@ def read_table(folder: str | os.PathLike) -> tuple[list[CropRow], list[str]]:
     return rows, problems
 
 
-def import_crop(image_path: str | os.PathLike, mask_path: str | os.PathLike, row: CropRow,
-                cfg: CropConfig = CropConfig()) -> ScanRecordData:
-    """One crop and its mask as a cache entry (see the module docstring)."""
+def read_crop(image_path: str | os.PathLike, mask_path: str | os.PathLike) -> tuple[CTVolume, np.ndarray]:
+    """A crop's HU volume and its bool mask, checked: readable, HU, same grid, mask not empty."""
     image_path, mask_path = Path(image_path), Path(mask_path)
-    volume = read_nifti_volume(image_path, min_hu_below=None)
+    volume = read_nifti_volume(image_path, min_hu_below=None)     # a DicomError names the file
     try:
         mask, mask_affine = read_nifti_mask(mask_path)
     except (OSError, ValueError) as exc:
@@ -184,6 +183,14 @@ def import_crop(image_path: str | os.PathLike, mask_path: str | os.PathLike, row
     mask = mask > 0
     if not mask.any():
         raise LungsegError(f"{mask_path}: empty mask")
+    return volume, mask
+
+
+def import_crop(image_path: str | os.PathLike, mask_path: str | os.PathLike, row: CropRow,
+                cfg: CropConfig = CropConfig()) -> ScanRecordData:
+    """One crop and its mask as a cache entry (see the module docstring)."""
+    image_path = Path(image_path)
+    volume, mask = read_crop(image_path, mask_path)
     hu = volume.hu
 
     voxel_mm3 = float(np.prod(volume.spacing))
@@ -310,4 +317,5 @@ def import_crops(folder: str | os.PathLike, out: str | os.PathLike, cfg: CropCon
         yield CropResult(row.name, "done")
 
 
-__all__ = ["CropConfig", "CropRow", "CropResult", "read_table", "find_crops", "import_crop", "import_crops"]
+__all__ = ["CropConfig", "CropRow", "CropResult", "read_table", "find_crops", "read_crop", "import_crop",
+           "import_crops"]

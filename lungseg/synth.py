@@ -23,7 +23,7 @@ structure (fluid, fat, air in the middle). Optionally (``paste_real_nodules``)
 the HU inside the readers' outline comes from a real LIDC nodule of similar
 size (:func:`lungseg.cache.equivalent_diameter_mm`), texture and calcification
 instead, read from a crop folder with :func:`lungseg.crops.find_crops` and
-:func:`lungseg.dicomio.read_nifti_volume`. The nodules are drawn before the
+:func:`lungseg.crops.read_crop`. The nodules are drawn before the
 scanner, so they are blurred and noisy like the rest.
 
 How it stays faithful to the LIDC record: slice positions are the record's
@@ -70,8 +70,8 @@ from scipy import ndimage
 from . import anatomy, lidc
 from .anatomy import TwinConfig
 from .cache import SIZE_CATEGORIES, equivalent_diameter_mm, size_category
-from .crops import CropRow, find_crops
-from .dicomio import nifti_affine, read_nifti_mask, read_nifti_volume, write_series
+from .crops import CropRow, find_crops, read_crop
+from .dicomio import write_series
 from .errors import LungsegError
 
 __all__ = [
@@ -312,18 +312,7 @@ def _choose_real_nodule(folder: str, fp: _Footprint, grid: anatomy.Grid, rng: np
 
 def _read_real_nodule(crop: _RealNodule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(HU float32 (z, y, x), mask, spacing (z, y, x) mm) of a real crop, checked as ``import-crops`` checks it."""
-    volume = read_nifti_volume(crop.image, min_hu_below=None)     # a DicomError (LungsegError) names the file
-    try:
-        mask, mask_affine = read_nifti_mask(crop.mask)
-    except (OSError, ValueError) as exc:
-        raise LungsegError(f"{crop.mask}: cannot read the mask ({str(exc).splitlines()[0]})") from None
-    if mask.shape != volume.shape:
-        raise LungsegError(f"{crop.mask}: mask shape {mask.shape} differs from the image's {volume.shape}")
-    if not np.allclose(mask_affine, nifti_affine(volume), atol=1e-3):
-        raise LungsegError(f"{crop.mask}: mask and image grids differ (NIfTI affines do not match)")
-    mask = mask > 0
-    if not mask.any():
-        raise LungsegError(f"{crop.mask}: empty mask")
+    volume, mask = read_crop(crop.image, crop.mask)
     return volume.hu.astype(np.float32), mask, np.asarray(volume.spacing, float)
 
 
