@@ -14,6 +14,24 @@ LIDC-IDRI DICOM. Modules, one job each:
 - ``datasets``, ``configs``, ``train``: data loading, settings and the training loops.
 - ``infer``, ``evaluate``: whole-scan prediction and the paper's tables.
 - ``device``: CUDA when present, mixed precision where it helps.
+- ``anatomy``: the twin's anatomy renderer (used by ``synth`` only).
+- ``crops``: a folder of real nodule crops into the cache.
+- ``splits``: patient-level split files and folds; ``checkpoints``: saving, loading, checking.
+
+Where each rule lives (one definition, used everywhere):
+
+- preprocessing, training and predict settings, the network table, precisions,
+  presets, and the fields a model's input depends on: ``configs``;
+- ROI centring (``roi_centre``, ``roi_start``): ``preprocess``;
+- size categories and the equivalent-sphere diameter: ``cache``;
+- the malignancy label (``malignancy_label``), the LIDC id-or-UID lookup
+  (``LidcDatabase.find``): ``lidc``;
+- reading a crop folder (``find_crops``, ``read_crop``): ``crops``;
+- split files, folds, the default split file: ``splits``;
+- checkpoint format, sha256, the model/data contract check: ``checkpoints``;
+- device choice and ``--precision`` to autocast (``precision_context``): ``device``;
+- the training tasks (config type -> dataset, loss, validation, metric): ``train.TASKS``;
+- every exception class: ``errors``.
 """
 
 __version__ = "0.1.0"
