@@ -215,3 +215,30 @@ def test_command_line_trains_and_resumes(tiny, tmp_path):
     bad = CliRunner().invoke(main, ["train-seg", "--cache", str(path), "--out", str(tmp_path / "x"),
                                     "--split-file", split, "--widths", "8,a"])
     assert bad.exit_code == 2 and "--widths" in bad.output
+
+
+def test_a_new_task_is_one_table_entry(tiny, tmp_path, monkeypatch):
+    """A third task: its own config type, dataset and metric, and fit runs it unchanged."""
+    import dataclasses
+
+    path, split = tiny
+
+    @dataclasses.dataclass(frozen=True)
+    class CentreSliceConfig(train.ClsConfig):
+        pass
+
+    class CentreSlice(RoiDataset):            # only the central slice of each ROI carries the image
+        def __getitem__(self, key):
+            x, y = super().__getitem__(key)
+            keep = torch.zeros_like(x)
+            keep[:, x.shape[1] // 2] = 1
+            return x * keep, y
+
+    seen = []
+    task = dataclasses.replace(train.TASKS[train.ClsConfig], dataset=CentreSlice,
+                               metric=lambda val_ds: seen.append(type(val_ds)) or "accuracy")
+    monkeypatch.setitem(train.TASKS, CentreSliceConfig, task)
+    summary = train.fit(CentreSliceConfig(epochs=1, split_file=split, **CLS), path, tmp_path / "run")
+    assert seen == [CentreSlice] and summary["metric"] == "accuracy" and summary["epochs_run"] == 1
+    with pytest.raises(TypeError, match="no training task for TrainConfig"):
+        train.task_for(train.TrainConfig.__new__(train.TrainConfig))
