@@ -72,8 +72,7 @@ _ORIENTATION_ATOL = 1e-4
 #: Media Storage Directory Storage: the SOP class of a DICOMDIR file.
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 _INSTALL_HINT = (
-    "install a decoder, e.g. `pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg` "
-    "(or `pip install python-gdcm`)"
+    "install lungseg's decoder, GDCM: `pip install python-gdcm` (JPEG, JPEG Lossless, JPEG-LS, JPEG 2000)"
 )
 _GROUPING_KEYWORDS = ("SeriesInstanceUID", "StudyInstanceUID", "Modality", "SeriesDescription")
 _INT16_MIN, _INT16_MAX = np.iinfo(np.int16).min, np.iinfo(np.int16).max

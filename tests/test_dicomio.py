@@ -509,7 +509,7 @@ def test_compressed_pixel_data_that_cannot_be_decoded(tmp_path):
     with pytest.raises(DicomError, match="JPEG 2000") as excinfo:
         read_series(written.folder)
     assert_one_line_naming(excinfo, written.files[0])
-    assert "pip install pylibjpeg" in str(excinfo.value)
+    assert "pip install python-gdcm" in str(excinfo.value)
 
 
 def test_compressed_pixel_data_without_a_decoder(tmp_path, monkeypatch):
@@ -571,4 +571,17 @@ def test_reads_lidc_idri_0001(shared_data):
     assert volume.series_uid == Path(volume.path).name == Path(volume.files[0]).parent.name
     air = np.median(volume.hu[66, 250:260, 10:20])  # left of the body, inside the field of view
     assert -1100 < air < -900
+    assert np.all(np.diff(volume.slice_positions) > 0)
+
+
+@pytest.mark.slow
+def test_reads_the_jpeg_lossless_ricord_series(shared_data):
+    folder = shared_data / "ct" / "MIDRC-RICORD-1A-419639-000082"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not found")
+    volume = read_series(folder)          # JPEG Lossless, process 14: decoded by GDCM (python-gdcm)
+    assert volume.shape == (255, 512, 512)
+    assert volume.spacing == pytest.approx((1.25, 0.703125, 0.703125))
+    lung = volume.hu[128, 200:300, 100:180]          # right lung, mid-scan
+    assert -1000 < np.median(lung) < -500 and volume.hu.max() > 500      # lung and bone in HU
     assert np.all(np.diff(volume.slice_positions) > 0)
