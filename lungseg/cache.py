@@ -43,7 +43,15 @@ scan file, root attrs
     grid), ``size_category`` (int8 index into :data:`SIZE_CATEGORIES`),
     ``centroid_voxel`` (N, 3) float32 original-grid (z, y, x) index,
     ``centroid_world`` (N, 3) float32 LPS mm, ``centroid_resampled`` (N, 3)
-    float32 resampled-grid index.
+    float32 resampled-grid index; crops and composites also have
+    ``ratings_majority`` (N, 9) int8, the readers' majority votes.
+``irrelevant/*``     nodules marked by fewer readers than the cache's ``min_readers``
+    (LIDC scans, composites of LIDC backgrounds): ``centroid_resampled`` (M, 3)
+    float32 and ``diameter_mm`` (M,) float32. Detection scoring (LUNA16)
+    neither counts nor penalises findings on them.
+
+Scan attributes ``kind`` ("crop", "composite"; absent for LIDC scans) and, for
+composites, ``background`` say where an entry came from.
 """
 
 from __future__ import annotations
