@@ -7,6 +7,13 @@
   once whatever its size. Plus nodule-level detection over the sub-cases: a
   predicted component hits a nodule when they overlap; sensitivity and false
   positives per scan.
+- Detection the LUNA16 way (scan caches only; Setio et al., Medical Image
+  Analysis 42:1-13, 2017): findings are the connected components of the
+  probability map (max over overlapping sub-cases) at or above a candidate
+  threshold, scored by their maximum probability and placed at their
+  probability-weighted centroid; :func:`lungseg.metrics.froc` matches them to
+  the reference nodules (relevant: >= 3 readers and >= 3 mm) and gives the FROC
+  curve and the CPM, with a bootstrap 95 % interval over scans; ``froc.png``.
 - Classification, Table 5's layout: accuracy, recall (sensitivity),
   specificity, and the AUC, each with a percentile bootstrap 95 % interval
   that resamples patients (their nodules are correlated); the confusion
@@ -44,6 +51,18 @@ log = logging.getLogger(__name__)
 
 MALIGNANCY = CHARACTERISTICS.index("malignancy")
 
+#: LUNA16's reference standard: a nodule counts (is relevant) for the FROC when
+#: at least this many readers marked it and it is at least this large.
+FROC_MIN_READERS = 3
+FROC_MIN_DIAMETER_MM = 3.0
+#: The default candidate threshold: probability map voxels at or above it form
+#: the findings. Low on purpose: the FROC sweeps the findings' scores (their
+#: maximum probability), so the threshold only sets the lowest operating point.
+CANDIDATE_THRESHOLD = 0.1
+#: The FP rate (per scan) of the operating point at which per-size-category
+#: sensitivity is reported.
+FROC_REPORT_FP_RATE = 4.0
+
 
 def _probabilities(model, batch: np.ndarray, device, precision: str) -> np.ndarray:
     """Sigmoid of a segmenter's logits (N, 1, ...), or a classifier's malignant-class softmax (N,)."""
@@ -54,12 +73,76 @@ def _probabilities(model, batch: np.ndarray, device, precision: str) -> np.ndarr
     return probs.cpu().numpy()
 
 
+def find_findings(prob: np.ndarray, spacing, *, candidate_threshold: float = CANDIDATE_THRESHOLD,
+                  max_findings: int = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Findings of a probability map: (centres in mm (K, 3), scores (K,), centres in voxels (K, 3)).
+
+    A finding is a connected component (26-connectivity) of ``prob >=
+    candidate_threshold``; its score is the component's maximum probability
+    and its centre the probability-weighted centroid, voxel index * ``spacing``
+    (z, y, x mm). The ``max_findings`` best are kept, best first.
+    """
+    from scipy import ndimage
+
+    if not 0 < candidate_threshold <= 1:
+        raise ValueError(f"candidate_threshold must lie in (0, 1], got {candidate_threshold!r}")
+    labels, n = ndimage.label(prob >= candidate_threshold, structure=ndimage.generate_binary_structure(3, 3))
+    if n == 0:
+        return np.zeros((0, 3)), np.zeros(0), np.zeros((0, 3))
+    index = np.arange(1, n + 1)
+    scores = np.asarray(ndimage.maximum(prob, labels, index), dtype=float).reshape(n)
+    voxels = np.asarray(ndimage.center_of_mass(prob.astype(np.float64), labels, index), dtype=float).reshape(n, 3)
+    best = np.argsort(-scores, kind="stable")[:max_findings]
+    return voxels[best] * np.asarray(spacing, dtype=float), scores[best], voxels[best]
+
+
+def reference_nodules(cache: Cache, uid: str) -> dict[str, np.ndarray]:
+    """A scan's reference nodules for the FROC, on the resampled grid and in mm.
+
+    The nodule table (relevant when ``n_readers >= FROC_MIN_READERS`` and
+    ``diameter_mm >= FROC_MIN_DIAMETER_MM``), then the optional group
+    ``irrelevant/`` (nodules of fewer readers, all irrelevant; absent or empty
+    in older caches). Keys: ``centroid_resampled`` (N, 3), ``centres_mm`` (N, 3),
+    ``diameter_mm``, ``n_readers`` (-1 for the ``irrelevant/`` rows), ``relevant``,
+    ``table_index`` (row of the nodule table, -1 for ``irrelevant/`` rows).
+    """
+    g = cache.scan(uid)
+    table = cache.nodule_table(uid)
+    centroid = np.asarray(table.get("centroid_resampled", np.zeros((0, 3))), dtype=float).reshape(-1, 3)
+    diameter = np.asarray(table.get("diameter_mm", np.zeros(0)), dtype=float).reshape(-1)
+    readers = np.asarray(table.get("n_readers", np.zeros(0)), dtype=int).reshape(-1)
+    relevant = (readers >= FROC_MIN_READERS) & (diameter >= FROC_MIN_DIAMETER_MM)
+    index = np.arange(len(diameter))
+    extra = g.get("irrelevant")
+    if extra is not None and "centroid_resampled" in extra and "diameter_mm" in extra:
+        c = np.asarray(extra["centroid_resampled"][()], dtype=float).reshape(-1, 3)
+        d = np.asarray(extra["diameter_mm"][()], dtype=float).reshape(-1)
+        if len(c) != len(d):
+            raise LungsegError(f"{cache.path}: scan {uid}: irrelevant/ has {len(c)} centroids, {len(d)} diameters")
+        centroid, diameter = np.concatenate([centroid, c]), np.concatenate([diameter, d])
+        readers = np.concatenate([readers, np.full(len(d), -1)])
+        relevant = np.concatenate([relevant, np.zeros(len(d), bool)])
+        index = np.concatenate([index, np.full(len(d), -1)])
+    spacing = np.asarray(g.attrs["spacing"], dtype=float)
+    return {"centroid_resampled": centroid, "centres_mm": centroid * spacing, "diameter_mm": diameter,
+            "n_readers": readers, "relevant": relevant, "table_index": index}
+
+
 def evaluate_segmentation(model, cache: Cache, uids, *, device, precision: str = "auto",
-                          threshold: float = 0.5) -> dict[str, Any]:
-    """Per-nodule Dice/precision/recall by size category, and detection counts, on ``uids``."""
+                          threshold: float = 0.5, candidate_threshold: float = CANDIDATE_THRESHOLD,
+                          max_findings: int = 100, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Per-nodule Dice/precision/recall by size category, detection counts and the FROC, on ``uids``.
+
+    ``threshold`` binarises the probability map for Dice and detection counts;
+    ``candidate_threshold`` (default 0.1) cuts it into FROC findings, of which
+    the ``max_findings`` best per scan count. The FROC (under ``"froc"``, with a
+    CPM interval from ``n_bootstrap`` resamples of scans, ``seed``) and the
+    detection counts are computed for scan caches only.
+    """
     model.eval()
     diameters, scores = [], {"dice": [], "precision": [], "recall": []}
     detections, rows = [], []
+    froc_scans, froc_meta = [], []
     crops = is_crop_cache(cache)
     for uid in uids:
         g = cache.scan(uid)
@@ -67,16 +150,28 @@ def evaluate_segmentation(model, cache: Cache, uids, *, device, precision: str =
         pred = np.zeros(shape, bool)
         truth = np.zeros(shape, bool)
         covered = np.zeros(shape, bool)
+        prob = None if crops else np.zeros(shape, np.float32)
         starts = g["subcases/start"][()]
         for i, start in enumerate(starts):
-            p = _probabilities(model, g["subcases/image"][i][None, None], device, precision)[0, 0] >= threshold
+            q = _probabilities(model, g["subcases/image"][i][None, None], device, precision)[0, 0]
+            p = q >= threshold
             sub = tuple(slice(max(s, 0), min(s + n, size)) for s, n, size in zip(start, p.shape, shape))
             local = tuple(slice(a.start - s, a.stop - s) for a, s in zip(sub, start))
             pred[sub] |= p[local]
             truth[sub] |= g["subcases/mask"][i][local] > 0
             covered[sub] = True
+            if prob is not None:
+                np.maximum(prob[sub], q[local], out=prob[sub])
         if not crops:
             detections.append(metrics.detection_counts(truth, pred & covered))
+            prob[~covered] = 0.0
+            centres, found, voxels = find_findings(prob, g.attrs["spacing"], candidate_threshold=candidate_threshold,
+                                                   max_findings=max_findings)
+            ref = reference_nodules(cache, uid)
+            froc_scans.append({"finding_centres_mm": centres, "finding_scores": found,
+                               "nodule_centres_mm": ref["centres_mm"], "nodule_diameters_mm": ref["diameter_mm"],
+                               "nodule_relevant": ref["relevant"]})
+            froc_meta.append((uid, str(g.attrs["patient_id"]), voxels, ref))
         table = cache.nodule_table(uid)
         patient = str(g.attrs["patient_id"])
         roi_shape = g["rois/mask"].shape[1:]
@@ -91,8 +186,74 @@ def evaluate_segmentation(model, cache: Cache, uids, *, device, precision: str =
     out = {"per_size_category": metrics.per_category_table(np.asarray(diameters), scores) if diameters else {}}
     if not crops:   # a crop's patch holds one nodule by construction: no detection task
         out["detection"] = metrics.detection_summary(detections)
+        if froc_scans:
+            out["froc"] = _froc_section(froc_scans, froc_meta, rows, candidate_threshold=candidate_threshold,
+                                        max_findings=max_findings, n_bootstrap=n_bootstrap, seed=seed)
     out["nodules"] = rows
     return out
+
+
+def _rate_key(rate: float) -> str:
+    return f"{rate:g}"
+
+
+def _froc_section(scans, meta, seg_rows, *, candidate_threshold: float, max_findings: int,
+                  n_bootstrap: int, seed: int) -> dict[str, Any]:
+    """The report's ``froc`` section: :func:`lungseg.metrics.froc` plus rows and per-category tables."""
+    result = metrics.froc(scans, max_findings=max_findings)
+    ci = metrics.cpm_bootstrap_ci(result, n_resamples=n_bootstrap, seed=seed)
+    at_rate = metrics.froc_operating_threshold(result, FROC_REPORT_FP_RATE)
+    finding_rows, nodule_rows = [], []
+    detected_ids = set()
+    rel_diameters, rel_scores = [], []
+    for scan, matched, (uid, patient, voxels, ref) in zip(scans, result["scans"], meta):
+        for k, (centre, score, status) in enumerate(zip(scan["finding_centres_mm"], scan["finding_scores"],
+                                                         matched["status"])):
+            finding_rows.append({"id": f"{uid}/f{k}", "series_uid": uid, "patient_id": patient,
+                                 "centre_mm": [float(v) for v in centre],
+                                 "centre_resampled": [float(v) for v in voxels[k]],
+                                 "score": float(score), "status": str(status)})
+        for n, hit in enumerate(matched["nodule_scores"]):
+            j = int(ref["table_index"][n])
+            nid = f"{uid}/{j}" if j >= 0 else f"{uid}/irrelevant/{n - int(np.sum(ref['table_index'] >= 0))}"
+            hit_score = float(hit) if np.isfinite(hit) else None
+            nodule_rows.append({"id": nid, "series_uid": uid, "patient_id": patient,
+                                "centre_resampled": [float(v) for v in ref["centroid_resampled"][n]],
+                                "diameter_mm": float(ref["diameter_mm"][n]), "n_readers": int(ref["n_readers"][n]),
+                                "relevant": bool(ref["relevant"][n]), "hit_score": hit_score})
+            if hit_score is not None and j >= 0:
+                detected_ids.add(nid)
+            if ref["relevant"][n]:
+                rel_diameters.append(float(ref["diameter_mm"][n]))
+                rel_scores.append(float(hit))
+    rel_scores_a = np.asarray(rel_scores, dtype=float)
+    key = f"sensitivity_at_{_rate_key(FROC_REPORT_FP_RATE)}_fp"
+    per_size = (metrics.per_category_table(np.asarray(rel_diameters),
+                                           {key: rel_scores_a >= at_rate, "sensitivity_any": np.isfinite(rel_scores_a)})
+                if rel_diameters else {})
+    detected = [r for r in seg_rows if r["id"] in detected_ids]
+    det_table = (metrics.per_category_table(np.asarray([r["diameter_mm"] for r in detected]),
+                                            {k: [r[k] for r in detected] for k in ("dice", "precision", "recall")})
+                 if detected else {})
+    return {
+        "protocol": "LUNA16 (Setio et al., Medical Image Analysis 42:1-13, 2017); sensitivity at an FP rate: "
+                    "best operating point at or below it (step reading)",
+        "cpm": result["cpm"], "cpm_ci95": [ci.low, ci.high], "n_bootstrap": ci.n_resamples,
+        "n_bootstrap_valid": ci.n_valid,
+        "sensitivity_at_fp_rates": {_rate_key(r): float(s) for r, s in zip(result["fp_rates"],
+                                                                           result["sensitivity_at_fp_rates"])},
+        "curve": {"thresholds": result["thresholds"].tolist(), "sensitivity": result["sensitivity"].tolist(),
+                  "fp_per_scan": result["fp_per_scan"].tolist()},
+        "counts": result["counts"],
+        "candidate_threshold": float(candidate_threshold), "max_findings": int(max_findings),
+        "relevant_nodule": {"min_readers": FROC_MIN_READERS, "min_diameter_mm": FROC_MIN_DIAMETER_MM},
+        "report_fp_rate": FROC_REPORT_FP_RATE,
+        "threshold_at_report_fp_rate": at_rate if np.isfinite(at_rate) else None,
+        "per_size_category": per_size,
+        "per_size_category_detected": det_table,
+        "findings": finding_rows,
+        "nodules": nodule_rows,
+    }
 
 
 def is_crop_cache(cache: Cache) -> bool:
@@ -182,6 +343,37 @@ def plot_roc(result: dict[str, Any], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_froc(froc: dict[str, Any], path: Path, title: str) -> None:
+    """The FROC curve (step reading) on a log FP/scan axis from 1/8 to 8, CPM and interval in the legend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = np.asarray(metrics.CPM_FP_RATES)
+    curve = froc["curve"]
+    grid = np.geomspace(rates.min(), rates.max(), 400)
+    sens = metrics.froc_sensitivity_at(curve["sensitivity"], curve["fp_per_scan"], grid)
+    at = [froc["sensitivity_at_fp_rates"][_rate_key(r)] for r in rates]
+    lo, hi = froc["cpm_ci95"]
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.plot(grid, sens, "-", label=f"CPM {froc['cpm']:.3f} [{lo:.3f}, {hi:.3f}]")
+    ax.plot(rates, at, "o", color="C0")
+    ax.set_xscale("log")
+    ax.set_xlim(rates.min(), rates.max())
+    ax.minorticks_off()
+    ax.set_xticks(rates)
+    ax.set_xticklabels(["1/8", "1/4", "1/2", "1", "2", "4", "8"])
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false positives per scan")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown tables (Table 4 and Table 5 layouts)."""
     lines = [f"Data: {report['data']['cache']} (split '{report['data']['split']}', "
@@ -195,6 +387,25 @@ def markdown(report: dict[str, Any]) -> str:
         if d:
             lines += ["", f"Detection: sensitivity {d['sensitivity']:.3f} ({d['n_hit']}/{d['n_truth']} nodules), "
                           f"{d['fp_per_scan']:.2f} false positives per scan"]
+        f = seg.get("froc")
+        if f:
+            c, (lo, hi), at = f["counts"], f["cpm_ci95"], f["sensitivity_at_fp_rates"]
+            lines += ["", f"FROC (LUNA16): CPM {f['cpm']:.3f} [{lo:.3f}, {hi:.3f}]; sensitivity "
+                          + ", ".join(f"{at[k]:.3f} at {k}" for k in ("1", "2", "4")) + " FP/scan; "
+                          f"{c['n_hit']}/{c['n_relevant']} relevant nodules found, {c['n_false_positive']} false "
+                          f"positives over {c['n_scans']} scans (candidate threshold {f['candidate_threshold']:g})"]
+            if f["per_size_category"]:
+                key = f"sensitivity_at_{_rate_key(f['report_fp_rate'])}_fp"
+                lines += ["", f"| size category | relevant nodules | sensitivity at {f['report_fp_rate']:g} FP/scan "
+                              "| sensitivity, all findings |", "|---|---|---|---|"]
+                for name, row in f["per_size_category"].items():
+                    lines.append(f"| {name} | {row['n']} | {row[key]:.3f} | {row['sensitivity_any']:.3f} |")
+            if f["per_size_category_detected"]:
+                lines += ["", "Detected nodules only:", "",
+                          "| size category | n | dice | precision | recall |", "|---|---|---|---|---|"]
+                for name, row in f["per_size_category_detected"].items():
+                    lines.append(f"| {name} | {row['n']} | {row['dice']:.3f} | {row['precision']:.3f} "
+                                 f"| {row['recall']:.3f} |")
         lines += [""]
     cls = report.get("classification")
     if cls:
@@ -210,12 +421,15 @@ def markdown(report: dict[str, Any]) -> str:
 def evaluate(cache_path: str | os.PathLike, *, seg: str | os.PathLike | None, cls: str | os.PathLike | None,
              out: str | os.PathLike, split: str = "test", split_file: str | os.PathLike = DEFAULT_SPLIT_FILE,
              protocol: str = "nodule", device: str = "auto", precision: str = "auto",
-             n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+             n_bootstrap: int = 1000, seed: int = 0, candidate_threshold: float = CANDIDATE_THRESHOLD,
+             max_findings: int = 100) -> dict[str, Any]:
     """Score the checkpoints on one split of a cache (``split="all"``: every entry, no split file).
 
     Writes ``evaluation.json`` (tables, intervals, and one row per nodule or
-    item), ``evaluation.md`` and, for a classifier, ``roc.png``. A checkpoint
-    trained on other preprocessing than the cache's is refused.
+    item), ``evaluation.md``, for a classifier ``roc.png``, and for a
+    segmenter on a scan cache ``froc.png`` (findings: ``candidate_threshold``,
+    at most ``max_findings`` per scan). A checkpoint trained on other
+    preprocessing than the cache's is refused.
     """
     if seg is None and cls is None:
         raise LungsegError("give a segmentation checkpoint (--seg), a classification one (--cls), or both")
@@ -242,7 +456,11 @@ def evaluate(cache_path: str | os.PathLike, *, seg: str | os.PathLike | None, cl
         "checkpoints": described,
     }
     if seg is not None:
-        report["segmentation"] = evaluate_segmentation(models["seg"], cache, uids, device=dev, precision=precision)
+        report["segmentation"] = evaluate_segmentation(models["seg"], cache, uids, device=dev, precision=precision,
+                                                       candidate_threshold=candidate_threshold,
+                                                       max_findings=max_findings, n_bootstrap=n_bootstrap, seed=seed)
+        if "froc" in report["segmentation"]:
+            plot_froc(report["segmentation"]["froc"], out / "froc.png", f"{Path(cache_path).name}, split {split}")
     if cls is not None:
         result = evaluate_classification(models["cls"], cache, uids, device=dev, precision=precision,
                                          protocol=protocol, n_bootstrap=n_bootstrap, seed=seed)

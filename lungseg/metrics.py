@@ -6,7 +6,9 @@ categories, :data:`lungseg.cache.SIZE_CATEGORIES`: micro <= 5 mm, small 5-10,
 nodule 10-30, mass > 30). Classification (benign 0 / malignant 1 = positive):
 accuracy, recall (sensitivity) and specificity (eq. 8), the confusion matrix
 (Fig. 9), the ROC curve and its exact AUC. Beyond the paper: percentile
-bootstrap confidence intervals and nodule-level detection counts.
+bootstrap confidence intervals, nodule-level detection counts, and detection
+measured the LUNA16 way (FROC curve and CPM, Setio et al., Medical Image
+Analysis 42:1-13, 2017): :func:`froc`, :func:`cpm_bootstrap_ci`.
 
 Conventions
 -----------
@@ -21,7 +23,7 @@ Conventions
   no negatives for the specificity, one class only for the AUC) are NaN: they
   are undefined, and a NaN shows it rather than a made-up number.
 
-NumPy only; :func:`detection_counts` uses ``scipy.ndimage.label`` (scipy is a
+NumPy only (the FROC functions too); :func:`detection_counts` uses ``scipy.ndimage.label`` (scipy is a
 lungseg dependency) for connected components.
 """
 
@@ -378,3 +380,232 @@ def detection_summary(counts: Sequence[DetectionCounts]) -> dict[str, Any]:
     return {"n_scans": n_scans, "n_truth": n_truth, "n_hit": n_hit,
             "sensitivity": _div(n_hit, n_truth), "n_false_positive": n_fp,
             "fp_per_scan": _div(n_fp, n_scans)}
+
+
+# --------------------------------------------------------------------------
+# FROC and CPM, the LUNA16 protocol
+# --------------------------------------------------------------------------
+#
+# Setio A.A.A. et al., "Validation, comparison, and combination of algorithms
+# for automatic detection of pulmonary nodules in computed tomography images:
+# the LUNA16 challenge", Medical Image Analysis 42:1-13, 2017.
+
+#: False-positive rates per scan whose mean sensitivity is the CPM (LUNA16's
+#: Competition Performance Metric).
+CPM_FP_RATES: tuple[float, ...] = (1 / 8, 1 / 4, 1 / 2, 1.0, 2.0, 4.0, 8.0)
+
+#: What :func:`froc` made of each finding: ``hit`` (the finding that scores a
+#: relevant nodule: a true positive), ``duplicate`` (hits a relevant nodule that
+#: a higher- or equal-scoring finding already scores: ignored), ``irrelevant``
+#: (hits irrelevant nodules only: ignored), ``fp`` (hits no nodule: a false
+#: positive), ``dropped`` (beyond the ``max_findings`` best of its scan: ignored).
+FINDING_STATUSES: tuple[str, ...] = ("hit", "duplicate", "irrelevant", "fp", "dropped")
+
+_FROC_KEYS = ("finding_centres_mm", "finding_scores", "nodule_centres_mm", "nodule_diameters_mm",
+              "nodule_relevant")
+
+
+def _froc_points(value, name: str, where: str) -> np.ndarray:
+    a = np.asarray(value, dtype=float)
+    if a.size == 0:
+        return a.reshape(0, 3)
+    if a.ndim != 2 or a.shape[1] != 3 or not np.all(np.isfinite(a)):
+        raise ValueError(f"{where}: {name} must be an (n, 3) array of finite mm, got shape {a.shape}")
+    return a
+
+
+def _froc_vector(value, name: str, where: str, n: int, dtype=float) -> np.ndarray:
+    a = np.asarray(value)
+    if a.size == 0:
+        a = a.reshape(0)
+    if a.shape != (n,):
+        raise ValueError(f"{where}: {name} must hold {n} values (one per row of the centres), got shape {a.shape}")
+    if dtype is bool:
+        if a.dtype != bool and not np.all((a == 0) | (a == 1)):
+            raise ValueError(f"{where}: {name} must be booleans")
+        return a.astype(bool)
+    a = a.astype(float)
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{where}: {name} must be finite")
+    return a
+
+
+def _froc_match_scan(scan: Mapping[str, Any], where: str, max_findings: int) -> dict[str, np.ndarray]:
+    """LUNA16's matching in one scan (see :func:`froc`)."""
+    if not isinstance(scan, Mapping):
+        raise ValueError(f"{where}: a scan must be a mapping with keys {_FROC_KEYS}, got {type(scan).__name__}")
+    unknown = set(scan) - set(_FROC_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {_FROC_KEYS}")
+    centres = _froc_points(scan.get("finding_centres_mm", ()), "finding_centres_mm", where)
+    scores = _froc_vector(scan.get("finding_scores", ()), "finding_scores", where, len(centres))
+    nodules = _froc_points(scan.get("nodule_centres_mm", ()), "nodule_centres_mm", where)
+    diameters = _froc_vector(scan.get("nodule_diameters_mm", ()), "nodule_diameters_mm", where, len(nodules))
+    if "nodule_relevant" not in scan and len(nodules):
+        raise ValueError(f"{where}: nodule_relevant is required when there are nodules")
+    relevant = _froc_vector(scan.get("nodule_relevant", ()), "nodule_relevant", where, len(nodules), bool)
+    if np.any(diameters < 0):
+        raise ValueError(f"{where}: nodule diameters must be >= 0 mm")
+
+    order = np.argsort(-scores, kind="stable")[:max_findings]      # best first; ties keep input order
+    keep = np.zeros(len(scores), bool)
+    keep[order] = True
+    distance = np.linalg.norm(centres[:, None, :] - nodules[None, :, :], axis=2)      # (K, N)
+    hits = (distance <= diameters[None, :] / 2.0) & keep[:, None]
+    nodule_scores = np.where(hits, scores[:, None], -np.inf).max(axis=0, initial=-np.inf)
+    scoring = np.zeros(len(scores), bool)
+    for j in np.flatnonzero(relevant & np.isfinite(nodule_scores)):
+        scoring[order[hits[order, j]][0]] = True                   # the best finding on nodule j
+    on_relevant = hits[:, relevant].any(axis=1)
+    on_irrelevant = hits[:, ~relevant].any(axis=1)
+    status = np.full(len(scores), "dropped", dtype="<U10")
+    status[keep & on_relevant & ~scoring] = "duplicate"
+    status[keep & on_relevant & scoring] = "hit"
+    status[keep & ~on_relevant & on_irrelevant] = "irrelevant"
+    status[keep & ~on_relevant & ~on_irrelevant] = "fp"
+    return {"nodule_scores": nodule_scores, "relevant": relevant, "status": status,
+            "fp_scores": scores[status == "fp"]}
+
+
+def _froc_curve(hit_scores: np.ndarray, fp_scores: np.ndarray, n_scans: int):
+    """Operating points from the relevant nodules' scores (-inf: missed) and the FPs' scores."""
+    found = np.sort(hit_scores[np.isfinite(hit_scores)])
+    fps = np.sort(fp_scores)
+    thresholds = np.unique(np.concatenate([found, fps]))[::-1]
+    n_tp = found.size - np.searchsorted(found, thresholds, side="left")      # scores >= t
+    n_fp = fps.size - np.searchsorted(fps, thresholds, side="left")
+    sens = n_tp / hit_scores.size if hit_scores.size else np.full(thresholds.shape, np.nan)
+    return thresholds, sens, n_fp / n_scans
+
+
+def froc_sensitivity_at(sensitivity, fp_per_scan, fp_rates) -> np.ndarray:
+    """Sensitivity of a FROC curve at each FP rate, read as :func:`froc` reads it.
+
+    The highest sensitivity among operating points with FP/scan <= the rate,
+    0 where there is none (the step reading; see :func:`froc`).
+    """
+    sens = np.asarray(sensitivity, dtype=float)
+    fp = np.asarray(fp_per_scan, dtype=float)
+    if sens.shape != fp.shape:
+        raise ValueError(f"sensitivity {sens.shape} and fp_per_scan {fp.shape} must be aligned")
+    return np.array([sens[fp <= r].max(initial=0.0) for r in np.atleast_1d(np.asarray(fp_rates, dtype=float))])
+
+
+def _sensitivity_at(sens: np.ndarray, fp_per_scan: np.ndarray, rates, n_relevant: int) -> np.ndarray:
+    if n_relevant == 0:
+        return np.full(len(rates), np.nan)
+    return froc_sensitivity_at(sens, fp_per_scan, rates)
+
+
+def froc(scans: Sequence[Mapping[str, Any]], *, max_findings: int = 100,
+         fp_rates: Sequence[float] = CPM_FP_RATES) -> dict[str, Any]:
+    """FROC curve and CPM over scans, by the LUNA16 protocol (Setio et al., Medical Image Analysis 42:1-13, 2017).
+
+    ``scans`` holds one mapping per scan (every scan evaluated, with or
+    without findings) with keys, each optional when empty:
+
+    - ``finding_centres_mm`` (K, 3) and ``finding_scores`` (K,): the CAD's
+      findings, centres in mm in any frame common to findings and nodules;
+    - ``nodule_centres_mm`` (N, 3), ``nodule_diameters_mm`` (N,) and
+      ``nodule_relevant`` (N,) bool: the reference nodules. The caller marks
+      the irrelevant ones (LUNA16: nodules of fewer than 3 of the 4 readers,
+      nodules under 3 mm, non-nodules).
+
+    Rules, per scan:
+
+    - only the ``max_findings`` highest-scoring findings count (ties at the
+      cut keep input order); the others are ``dropped``;
+    - a finding hits a nodule when its centre lies within the nodule's radius
+      (distance <= diameter / 2); a finding may hit several nodules;
+    - a relevant nodule is hit at most once: its score is the highest score
+      of the findings hitting it; the other findings hitting it are ignored
+      (neither true nor false positives);
+    - a finding that hits irrelevant nodules only is ignored;
+    - every other finding is a false positive.
+
+    Operating points: for each threshold ``t``, the distinct scores of the
+    counted findings (hits and false positives) in decreasing order,
+    sensitivity = relevant nodules scoring >= t / all relevant nodules, and
+    FP/scan = false positives scoring >= t / number of scans.
+
+    Sensitivity at an FP rate ``r``: the highest sensitivity among operating
+    points with FP/scan <= r, 0 if there is none. This is the operating-point
+    (step) reading of the curve; the LUNA16 evaluation script interpolates
+    linearly between operating points instead. Both agree at the operating
+    points; between them the step reading is never above the interpolated one.
+    CPM = mean sensitivity over ``fp_rates`` (:data:`CPM_FP_RATES`). Without
+    relevant nodules sensitivities and the CPM are NaN.
+
+    Returns plain data:
+
+    - ``thresholds``, ``sensitivity``, ``fp_per_scan``: the curve (arrays);
+    - ``fp_rates``, ``sensitivity_at_fp_rates`` (aligned arrays) and ``cpm``;
+    - ``counts``: ``n_scans``, ``n_relevant``, ``n_irrelevant`` (nodules),
+      ``n_findings`` (kept), ``n_dropped``, ``n_hit`` (relevant nodules hit),
+      ``n_false_positive``, ``n_ignored`` (= ``n_duplicate`` + ``n_on_irrelevant``);
+    - ``max_findings``;
+    - ``scans``: per scan, ``nodule_scores`` (N,) (the highest score of the kept
+      findings hitting each nodule, relevant or not; -inf when none does),
+      ``relevant`` (N,), ``status`` (K,) (one of :data:`FINDING_STATUSES` per
+      input finding) and ``fp_scores``. A relevant nodule counts as found at
+      threshold ``t`` when its score is >= t (see :func:`froc_operating_threshold`).
+
+    Raises ``ValueError`` for no scans or ill-formed arrays.
+    """
+    if isinstance(scans, Mapping) or not isinstance(scans, Sequence) or len(scans) == 0:
+        raise ValueError("froc needs a non-empty sequence of scans (one mapping per scan)")
+    if isinstance(max_findings, bool) or not isinstance(max_findings, (int, np.integer)) or max_findings < 1:
+        raise ValueError(f"max_findings must be a positive int, got {max_findings!r}")
+    rates = np.asarray(fp_rates, dtype=float)
+    if rates.ndim != 1 or rates.size == 0 or not np.all(np.isfinite(rates)) or np.any(rates <= 0):
+        raise ValueError(f"fp_rates must be positive finite numbers, got {fp_rates!r}")
+    matched = [_froc_match_scan(s, f"scan {i}", int(max_findings)) for i, s in enumerate(scans)]
+    hit_scores = np.concatenate([m["nodule_scores"][m["relevant"]] for m in matched])
+    fp_scores = np.concatenate([m["fp_scores"] for m in matched])
+    thresholds, sens, fp = _froc_curve(hit_scores, fp_scores, len(matched))
+    at = _sensitivity_at(sens, fp, rates, hit_scores.size)
+    status = np.concatenate([m["status"] for m in matched])
+    n_dup, n_irr = int(np.sum(status == "duplicate")), int(np.sum(status == "irrelevant"))
+    n_relevant = int(hit_scores.size)
+    counts = {"n_scans": len(matched), "n_relevant": n_relevant,
+              "n_irrelevant": int(sum((~m["relevant"]).sum() for m in matched)),
+              "n_findings": int(np.sum(status != "dropped")), "n_dropped": int(np.sum(status == "dropped")),
+              "n_hit": int(np.isfinite(hit_scores).sum()), "n_false_positive": int(fp_scores.size),
+              "n_ignored": n_dup + n_irr, "n_duplicate": n_dup, "n_on_irrelevant": n_irr}
+    return {"thresholds": thresholds, "sensitivity": sens, "fp_per_scan": fp, "fp_rates": rates,
+            "sensitivity_at_fp_rates": at, "cpm": float(at.mean()), "counts": counts,
+            "max_findings": int(max_findings), "scans": matched}
+
+
+def froc_operating_threshold(result: Mapping[str, Any], fp_rate: float) -> float:
+    """The score threshold of the operating point that :func:`froc` reads at ``fp_rate``.
+
+    The lowest threshold whose FP/scan is <= ``fp_rate`` (+inf when none is):
+    the relevant nodules with ``nodule_scores >= threshold`` are those found
+    there, so per-group sensitivities (e.g. by size category) add up to the
+    overall one.
+    """
+    ok = np.asarray(result["fp_per_scan"]) <= fp_rate
+    return float(np.asarray(result["thresholds"])[ok].min()) if ok.any() else float("inf")
+
+
+def cpm_bootstrap_ci(result: Mapping[str, Any], *, n_resamples: int = 1000, confidence: float = 0.95,
+                     seed: int = 0) -> BootstrapCI:
+    """Percentile bootstrap interval of the CPM of a :func:`froc` result, resampling scans.
+
+    Each resample draws scans with replacement (a scan drawn twice counts
+    twice: its nodules and false positives, and in the number of scans), with
+    the matching of each scan kept (it does not depend on other scans), via
+    :func:`bootstrap_ci`. Resamples without relevant nodules are dropped.
+    """
+    scans = result["scans"]
+    rates = np.asarray(result["fp_rates"], dtype=float)
+    hits = [m["nodule_scores"][m["relevant"]] for m in scans]
+    fps = [m["fp_scores"] for m in scans]
+
+    def cpm(idx: np.ndarray) -> float:
+        h = np.concatenate([hits[i] for i in idx])
+        thresholds, sens, fp = _froc_curve(h, np.concatenate([fps[i] for i in idx]), len(idx))
+        return float(_sensitivity_at(sens, fp, rates, h.size).mean())
+
+    return bootstrap_ci(cpm, np.arange(len(scans)), n_resamples=n_resamples, confidence=confidence, seed=seed)

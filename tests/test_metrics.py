@@ -210,3 +210,146 @@ def test_detection_connectivity():
         m.detection_counts(truth.astype(float), pred)
     with pytest.raises(ValueError):
         m.detection_counts(truth, pred[0])
+
+
+# ---- FROC and CPM (LUNA16) ------------------------------------------------------------------
+
+def _luna_case():
+    """Three scans worked by hand (centres in mm).
+
+    Scan A: relevant N1 at (0, 0, 0), diameter 10 (radius 5); relevant N2 at (50, 0, 0), diameter 6
+    (radius 3); irrelevant I at (0, 50, 0), diameter 8.
+      f1 (1, 0, 0)      0.9  -> hits N1: N1 scores 0.9                      hit
+      f2 (0, 2, 0)      0.6  -> hits N1 again: ignored                      duplicate
+      f3 (0, 50, 1)     0.8  -> hits only I: ignored                        irrelevant
+      f4 (53.01, 0, 0)  0.7  -> 3.01 mm from N2, just outside its radius    fp
+      f5 (53, 0, 0)     0.3  -> exactly 3 mm from N2 (distance <= radius)   hit, N2 scores 0.3
+      f6 (100, 100, 100) 0.5 -> nothing                                     fp
+    Scan B: relevant N3 at (0, 0, 0), diameter 4.
+      f7 (0, 0, 1)      0.4  -> hits N3: N3 scores 0.4                      hit
+      f8 (30, 30, 30)   0.95 -> nothing                                     fp
+    Scan C: no findings, no nodules (it still counts in FP/scan).
+    """
+    a = {"finding_centres_mm": [[1, 0, 0], [0, 2, 0], [0, 50, 1], [53.01, 0, 0], [53, 0, 0], [100, 100, 100]],
+         "finding_scores": [0.9, 0.6, 0.8, 0.7, 0.3, 0.5],
+         "nodule_centres_mm": [[0, 0, 0], [50, 0, 0], [0, 50, 0]],
+         "nodule_diameters_mm": [10, 6, 8], "nodule_relevant": [True, True, False]}
+    b = {"finding_centres_mm": [[0, 0, 1], [30, 30, 30]], "finding_scores": [0.4, 0.95],
+         "nodule_centres_mm": [[0, 0, 0]], "nodule_diameters_mm": [4], "nodule_relevant": [True]}
+    return [a, b, {}]
+
+
+def test_froc_hand_worked_curve_rates_and_cpm():
+    r = m.froc(_luna_case())
+    # Relevant nodule scores 0.9, 0.3, 0.4; FP scores 0.7, 0.5, 0.95; 3 scans.
+    #   t      TP  FP   sensitivity  FP/scan
+    #   0.95   0   1    0            1/3
+    #   0.9    1   1    1/3          1/3
+    #   0.7    1   2    1/3          2/3
+    #   0.5    1   3    1/3          1
+    #   0.4    2   3    2/3          1
+    #   0.3    3   3    1            1
+    assert r["thresholds"].tolist() == [0.95, 0.9, 0.7, 0.5, 0.4, 0.3]
+    assert r["sensitivity"] == pytest.approx([0, 1 / 3, 1 / 3, 1 / 3, 2 / 3, 1])
+    assert r["fp_per_scan"] == pytest.approx([1 / 3, 1 / 3, 2 / 3, 1, 1, 1])
+    # Step reading: 1/8 and 1/4 FP/scan -> no operating point -> 0; 1/2 -> best at FP/scan 1/3 -> 1/3;
+    # 1, 2, 4, 8 -> 1. CPM = (0 + 0 + 1/3 + 1 + 1 + 1 + 1) / 7 = 13/21.
+    assert r["fp_rates"].tolist() == list(m.CPM_FP_RATES) == [0.125, 0.25, 0.5, 1, 2, 4, 8]
+    assert r["sensitivity_at_fp_rates"] == pytest.approx([0, 0, 1 / 3, 1, 1, 1, 1])
+    assert r["cpm"] == pytest.approx(13 / 21)
+    assert r["counts"] == {"n_scans": 3, "n_relevant": 3, "n_irrelevant": 1, "n_findings": 8, "n_dropped": 0,
+                           "n_hit": 3, "n_false_positive": 3, "n_ignored": 2, "n_duplicate": 1,
+                           "n_on_irrelevant": 1}
+    a, b, c = r["scans"]
+    assert a["status"].tolist() == ["hit", "duplicate", "irrelevant", "fp", "hit", "fp"]
+    assert a["nodule_scores"].tolist() == [0.9, 0.3, 0.8]          # I's score shown, not counted
+    assert a["relevant"].tolist() == [True, True, False] and sorted(a["fp_scores"].tolist()) == [0.5, 0.7]
+    assert b["status"].tolist() == ["hit", "fp"] and b["nodule_scores"].tolist() == [0.4]
+    assert c["status"].size == c["nodule_scores"].size == 0
+    # The operating point read at a rate: its threshold selects the nodules found there.
+    assert m.froc_operating_threshold(r, 1.0) == 0.3
+    assert m.froc_operating_threshold(r, 0.5) == 0.9
+    assert m.froc_operating_threshold(r, 0.125) == math.inf
+
+
+def test_froc_missed_nodule_and_scans_without_findings_lower_the_curve():
+    # One relevant nodule, missed (-inf); one FP of 0.5 over 4 scans: FP/scan 1/4, sensitivity 0 everywhere.
+    scans = [{"finding_centres_mm": [[9, 9, 9]], "finding_scores": [0.5], "nodule_centres_mm": [[0, 0, 0]],
+              "nodule_diameters_mm": [5], "nodule_relevant": [1]}, {}, {}, {}]
+    r = m.froc(scans)
+    assert r["thresholds"].tolist() == [0.5] and r["fp_per_scan"].tolist() == [0.25]
+    assert r["sensitivity"].tolist() == [0.0] and r["cpm"] == 0.0
+    assert r["scans"][0]["nodule_scores"].tolist() == [-math.inf]
+    # Found at 0.2 instead: points (t 0.5: sens 0, FP 1/4), (t 0.2: sens 1, FP 1/4).
+    scans[0] = {**scans[0], "finding_centres_mm": [[9, 9, 9], [0, 0, 1]], "finding_scores": [0.5, 0.2]}
+    r = m.froc(scans)
+    # 1/8 -> 0; 1/4 and above -> 1. CPM = 6/7.
+    assert r["sensitivity_at_fp_rates"].tolist() == [0, 1, 1, 1, 1, 1, 1] and r["cpm"] == pytest.approx(6 / 7)
+
+
+def test_froc_one_finding_may_hit_several_nodules_and_relevant_wins():
+    scan = {"finding_centres_mm": [[0, 0, 0]], "finding_scores": [0.7],
+            "nodule_centres_mm": [[1, 0, 0], [-1, 0, 0], [0, 1, 0]], "nodule_diameters_mm": [4, 4, 4],
+            "nodule_relevant": [True, True, False]}
+    r = m.froc([scan])
+    # Both relevant nodules score 0.7 through the same finding: one point, sensitivity 1 at FP/scan 0.
+    assert r["scans"][0]["status"].tolist() == ["hit"] and r["counts"]["n_hit"] == 2
+    assert r["sensitivity"].tolist() == [1.0] and r["fp_per_scan"].tolist() == [0.0] and r["cpm"] == 1.0
+
+
+def test_froc_keeps_the_max_findings_best_per_scan():
+    # 100 far-away findings of 0.5 and, last, one of 0.1 on the relevant nodule: it is the 101st -> dropped.
+    far = [[100 + k, 100, 100] for k in range(100)]
+    scan = {"finding_centres_mm": far + [[0, 0, 0]], "finding_scores": [0.5] * 100 + [0.1],
+            "nodule_centres_mm": [[0, 0, 0]], "nodule_diameters_mm": [6], "nodule_relevant": [True]}
+    r = m.froc([scan])
+    assert r["counts"]["n_dropped"] == 1 and r["counts"]["n_findings"] == 100 and r["counts"]["n_hit"] == 0
+    assert r["scans"][0]["status"][-1] == "dropped" and r["cpm"] == 0.0
+    # Ties at the cut keep input order: the on-nodule finding scoring 0.5 but listed last is dropped too.
+    tied = {**scan, "finding_scores": [0.5] * 101}
+    assert m.froc([tied])["counts"]["n_hit"] == 0
+    # A smaller cap: the nodule's finding (0.9) and one FP (0.8) kept, 99 dropped.
+    best = {**scan, "finding_scores": [0.8] + [0.5] * 99 + [0.9]}
+    r = m.froc([best], max_findings=2)
+    assert r["counts"]["n_dropped"] == 99 and r["counts"]["n_false_positive"] == 1
+    assert r["thresholds"].tolist() == [0.9, 0.8] and r["sensitivity"].tolist() == [1, 1]
+    assert r["fp_per_scan"].tolist() == [0, 1]
+
+
+def test_froc_without_relevant_nodules_is_nan():
+    r = m.froc([{"finding_centres_mm": [[0, 0, 0]], "finding_scores": [0.5]}])
+    assert math.isnan(r["cpm"]) and r["counts"]["n_false_positive"] == 1
+    ci = m.cpm_bootstrap_ci(r, n_resamples=20)
+    assert ci.n_valid == 0 and math.isnan(ci.low)
+
+
+def test_cpm_bootstrap_resamples_scans_and_is_seeded():
+    r = m.froc(_luna_case())
+    ci = m.cpm_bootstrap_ci(r, n_resamples=200, seed=3)
+    assert ci.estimate == pytest.approx(13 / 21)
+    assert 0 <= ci.low <= ci.estimate <= ci.high <= 1 and ci.low < ci.high
+    assert ci == m.cpm_bootstrap_ci(r, n_resamples=200, seed=3)
+    # Resamples drawing scan C only have no relevant nodule: dropped, not counted.
+    assert 150 < ci.n_valid <= 200
+    one = m.froc(_luna_case()[:1])
+    c1 = m.cpm_bootstrap_ci(one, n_resamples=20)
+    assert c1.low == c1.high == c1.estimate == one["cpm"]       # one scan: every resample is the same
+
+
+@pytest.mark.parametrize("scans, kwargs", [
+    ([], {}),
+    ({}, {}),
+    ([{"finding_centres_mm": [[0, 0]], "finding_scores": [0.5]}], {}),                 # centres not (n, 3)
+    ([{"finding_centres_mm": [[0, 0, 0]], "finding_scores": [0.5, 0.4]}], {}),        # scores misaligned
+    ([{"finding_centres_mm": [[0, 0, 0]], "finding_scores": [math.nan]}], {}),        # non-finite score
+    ([{"nodule_centres_mm": [[0, 0, 0]], "nodule_diameters_mm": [5]}], {}),           # relevance missing
+    ([{"nodule_centres_mm": [[0, 0, 0]], "nodule_diameters_mm": [-5], "nodule_relevant": [1]}], {}),
+    ([{"nodule_centres_mm": [[0, 0, 0]], "nodule_diameters_mm": [5], "nodule_relevant": [2]}], {}),
+    ([{"finding_centers_mm": [[0, 0, 0]]}], {}),                                       # unknown key
+    (["scan"], {}),
+    ([{}], {"max_findings": 0}),
+    ([{}], {"fp_rates": (0.0, 1.0)}),
+])
+def test_froc_ill_formed_input_raises(scans, kwargs):
+    with pytest.raises(ValueError):
+        m.froc(scans, **kwargs)
