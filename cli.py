@@ -20,8 +20,8 @@ from pathlib import Path
 import click
 
 from lungseg import __version__
-from lungseg.configs import (ARCHS, PRECISIONS, PRESETS, ClsConfig, CompositeConfig, PredictConfig, PreprocessConfig,
-                             SegConfig)
+from lungseg.configs import (ARCHS, CANDIDATE_THRESHOLD, FROC_MAX_FINDINGS, PRECISIONS, PRESETS, ClsConfig,
+                             CompositeConfig, PredictConfig, PreprocessConfig, SegConfig)
 from lungseg.errors import LungsegError
 from lungseg.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_FILE, MANIFESTS_DIR
 
@@ -535,13 +535,19 @@ def predict(source, seg, cls_, out, threshold, min_volume_mm3, overlap, device, 
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
-def evaluate(cache_path, seg, cls_, split, split_file, protocol, out, n_bootstrap, seed, device, precision):
-    """Paper A's tables: Dice/precision/recall by size (Table 4), accuracy/recall/specificity/AUC (Table 5)."""
+@click.option("--candidate-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=CANDIDATE_THRESHOLD,
+              show_default=True, help="FROC: probability that cuts the segmenter's map into findings.")
+@click.option("--max-findings", type=click.IntRange(min=1), default=FROC_MAX_FINDINGS, show_default=True,
+              help="FROC: findings kept per scan (LUNA16: 100).")
+def evaluate(cache_path, seg, cls_, split, split_file, protocol, out, n_bootstrap, seed, device, precision,
+             candidate_threshold, max_findings):
+    """Paper A's tables (Table 4 by size, Table 5) and detection the LUNA16 way (FROC, CPM) on whole scans."""
     from lungseg import evaluate as ev
 
     report = ev.evaluate(cache_path, seg=seg, cls=cls_, out=out, split=split, split_file=split_file or DEFAULT_SPLIT_FILE,
                          protocol=protocol, device=device, precision=precision, n_bootstrap=n_bootstrap,
-                         seed=seed)
+                         seed=seed, candidate_threshold=candidate_threshold, max_findings=max_findings)
     click.echo(ev.markdown(report))
     click.echo(f"written: {out / 'evaluation.json'}")
 

@@ -43,6 +43,12 @@ ARCHS: dict[str, dict[str, str]] = {
 }
 SEG_ARCHS = tuple(ARCHS["seg"])
 CLS_ARCHS = tuple(ARCHS["cls"])
+#: FROC findings (``lungseg evaluate``): probability map voxels at or above
+#: CANDIDATE_THRESHOLD form them. Low on purpose: the FROC sweeps the findings'
+#: scores (their maximum probability), so it only sets the lowest operating
+#: point. At most FROC_MAX_FINDINGS per scan, as in LUNA16.
+CANDIDATE_THRESHOLD = 0.1
+FROC_MAX_FINDINGS = 100
 #: ``--precision`` values: auto (bf16 autocast where the hardware has it), fp32, bf16, fp16.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

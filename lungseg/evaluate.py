@@ -41,6 +41,7 @@ import torch
 from . import metrics
 from .cache import Cache
 from .checkpoints import check_input, describe, load_model
+from .configs import CANDIDATE_THRESHOLD, FROC_MAX_FINDINGS
 from .device import precision_context, resolve_device
 from .errors import LungsegError
 from .lidc import CHARACTERISTICS, malignancy_label
@@ -55,10 +56,6 @@ MALIGNANCY = CHARACTERISTICS.index("malignancy")
 #: at least this many readers marked it and it is at least this large.
 FROC_MIN_READERS = 3
 FROC_MIN_DIAMETER_MM = 3.0
-#: The default candidate threshold: probability map voxels at or above it form
-#: the findings. Low on purpose: the FROC sweeps the findings' scores (their
-#: maximum probability), so the threshold only sets the lowest operating point.
-CANDIDATE_THRESHOLD = 0.1
 #: The FP rate (per scan) of the operating point at which per-size-category
 #: sensitivity is reported.
 FROC_REPORT_FP_RATE = 4.0
@@ -74,7 +71,7 @@ def _probabilities(model, batch: np.ndarray, device, precision: str) -> np.ndarr
 
 
 def find_findings(prob: np.ndarray, spacing, *, candidate_threshold: float = CANDIDATE_THRESHOLD,
-                  max_findings: int = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  max_findings: int = FROC_MAX_FINDINGS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Findings of a probability map: (centres in mm (K, 3), scores (K,), centres in voxels (K, 3)).
 
     A finding is a connected component (26-connectivity) of ``prob >=
@@ -130,7 +127,7 @@ def reference_nodules(cache: Cache, uid: str) -> dict[str, np.ndarray]:
 
 def evaluate_segmentation(model, cache: Cache, uids, *, device, precision: str = "auto",
                           threshold: float = 0.5, candidate_threshold: float = CANDIDATE_THRESHOLD,
-                          max_findings: int = 100, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+                          max_findings: int = FROC_MAX_FINDINGS, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Per-nodule Dice/precision/recall by size category, detection counts and the FROC, on ``uids``.
 
     ``threshold`` binarises the probability map for Dice and detection counts;
@@ -422,7 +419,7 @@ def evaluate(cache_path: str | os.PathLike, *, seg: str | os.PathLike | None, cl
              out: str | os.PathLike, split: str = "test", split_file: str | os.PathLike = DEFAULT_SPLIT_FILE,
              protocol: str = "nodule", device: str = "auto", precision: str = "auto",
              n_bootstrap: int = 1000, seed: int = 0, candidate_threshold: float = CANDIDATE_THRESHOLD,
-             max_findings: int = 100) -> dict[str, Any]:
+             max_findings: int = FROC_MAX_FINDINGS) -> dict[str, Any]:
     """Score the checkpoints on one split of a cache (``split="all"``: every entry, no split file).
 
     Writes ``evaluation.json`` (tables, intervals, and one row per nodule or

@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .cache import SIZE_CATEGORIES, size_category
+from .configs import FROC_MAX_FINDINGS
 
 CATEGORY_NAMES: tuple[str, ...] = tuple(name for _, name in SIZE_CATEGORIES)
 
@@ -497,7 +498,7 @@ def _sensitivity_at(sens: np.ndarray, fp_per_scan: np.ndarray, rates, n_relevant
     return froc_sensitivity_at(sens, fp_per_scan, rates)
 
 
-def froc(scans: Sequence[Mapping[str, Any]], *, max_findings: int = 100,
+def froc(scans: Sequence[Mapping[str, Any]], *, max_findings: int = FROC_MAX_FINDINGS,
          fp_rates: Sequence[float] = CPM_FP_RATES) -> dict[str, Any]:
     """FROC curve and CPM over scans, by the LUNA16 protocol (Setio et al., Medical Image Analysis 42:1-13, 2017).
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 import cli
 from cli import main
 
-COMMANDS = ["synth", "preprocess", "info", "import-crops", "folds", "manifest", "train-seg", "train-cls",
+COMMANDS = ["synth", "composite", "preprocess", "info", "import-crops", "folds", "manifest", "train-seg", "train-cls",
             "evaluate", "predict", "demo"]
 
 
