@@ -25,8 +25,8 @@ Builds the test set reproducibly from ``../shared/data`` (every step is a
    mm) of 0001's real nodule in its scan, of the crops in their own margins,
    and of the pasted nodules in the composites.
 
-Writes ``OUT/results.json``, ``OUT/results.md``, ``OUT/composites.png`` and
-``OUT/boundary_profile.png``. Resumable: finished steps are skipped. Prints
+Writes ``OUT/results.json``, ``OUT/results.md`` and the figures
+``benchmarks/figures/detection_composites.png`` and ``detection_boundary_profile.png``. Resumable: finished steps are skipped. Prints
 figures; asserts nothing.
 """
 
@@ -99,8 +99,9 @@ def main() -> None:
         results["models"][name] = {"checkpoint": str(ckpt), "segmentation": report["segmentation"]}
     results["profile"] = boundary_profiles(data, composites)
     results["test_set"] = test_set_summary(composites, cache)
-    composite_figure(data, composites, out / "composites.png")
-    profile_figure(results["profile"], out / "boundary_profile.png")
+    figures = ROOT / "benchmarks" / "figures"
+    composite_figure(data, composites, figures / "detection_composites.png")
+    profile_figure(results["profile"], figures / "detection_boundary_profile.png")
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
     text = markdown(results)
     (out / "results.md").write_text(text + "\n")
@@ -302,6 +303,16 @@ def markdown(results: dict) -> str:
                      f"{at[1.0]:.3f} | {at[2.0]:.3f} | {at[4.0]:.3f} | {top} |")
     for name, cpm in LUNA16_CPM:
         lines.append(f"| {name}, LUNA16 (other data) | {cpm:.3f} | | | | | |")
+    p = results["profile"]
+    d = list(p["distance_mm"])
+    shown = [-3.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0]
+    lines += ["", "Mean HU by signed distance to the nodule mask (mm; inside < 0; blending margin 0-3 mm):", "",
+              "| nodules | " + " | ".join(f"{x:g}" for x in shown) + " |", "|---|" + "---|" * len(shown)]
+    curves = [("LIDC-IDRI-0001, real scan", p["real_0001"]), (f"crops, own margins ({p['n_crops']})", p["crops"])]
+    curves += [(f"pasted into {k}", v) for k, v in p["composites"].items()]
+    for name, values in curves:
+        cells = [values[d.index(x)] for x in shown]
+        lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:.0f}" for v in cells) + " |")
     return "\n".join(lines)
 
 
