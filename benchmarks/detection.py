@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -76,11 +77,20 @@ def main() -> None:
         run(lungseg("import-crops", data / "nodules", "--out", crops))
         (out / "import.done").write_text("")
     seg_run = out / "runs" / f"resunet3d-cpu-fold{args.fold}"
-    if not (seg_run / "last.pt").exists() or _epochs(seg_run) < 8:
+    failed = seg_run / "training_failed.txt"
+    if (not (seg_run / "last.pt").exists() or _epochs(seg_run) < 8) and not failed.exists():
         resume = ["--resume"] if (seg_run / "last.pt").exists() else []
-        run(lungseg("train-seg", "--cache", crops, "--split-file", split, "--out", seg_run, "--preset", "cpu",
-                    *resume))
-    models[f"Res U-Net on crops (cpu preset, folds except {args.fold})"] = seg_run / "last.pt"
+        try:
+            run(lungseg("train-seg", "--cache", crops, "--split-file", split, "--out", seg_run, "--preset", "cpu",
+                        *resume))
+        except subprocess.CalledProcessError as exc:     # e.g. a non-finite loss: keep the last good epoch
+            if not (seg_run / "last.pt").exists():
+                raise
+            failed.write_text(f"train-seg stopped ({exc.returncode}); evaluating last.pt after "
+                              f"{_epochs(seg_run)} epochs\n")
+            print(failed.read_text(), end="")
+    epochs = _epochs(seg_run)
+    models[f"Res U-Net on crops (cpu preset, {epochs} epochs, folds except {args.fold})"] = seg_run / "last.pt"
     demo = out / "demo"
     if not (demo / "train-seg" / "last.pt").exists():
         run(lungseg("demo", "--out", demo))
@@ -234,43 +244,47 @@ def profile_figure(profile: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def composite_figure(data: Path, composites: Path, path: Path, per_row: int = 6) -> None:
-    """Axial patches (48 mm) through real and pasted nodules, unlabelled on top, outlined below."""
+def composite_figure(data: Path, composites: Path, path: Path, per_row: int = 5) -> None:
+    """Axial patches (48 mm) through real and pasted nodules, one pair of rows per background:
+    as a reader sees them, then outlined and named."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from lungseg import dicomio
 
-    tiles = []
+    rows: dict[str, list] = {}
     for p in sorted(composites.glob("*/nodules.json")):
         report = json.loads(p.read_text())
+        bg = report["background"]["name"]
+        if bg in rows:
+            continue                      # the first composite of each background
         vol = dicomio.read_series(p.parent / "dicom")
         labels, _ = dicomio.read_nifti_mask(p.parent / "nodules.nii.gz")
-        for nod in report["nodules"]:
-            tiles.append((vol, labels == nod["id"], nod, report["background"]["name"]))
-            if len(tiles) >= 2 * per_row:
-                break
-        if len(tiles) >= 2 * per_row:
-            break
-    fig, axes = plt.subplots(4, per_row, figsize=(2.2 * per_row, 9.2))
-    for j, (vol, m, nod, bg) in enumerate(tiles[: 2 * per_row]):
-        r, c = divmod(j, per_row)
-        z, y, x = (int(round(v)) for v in nod["centre_voxel_zyx"])
-        h = int(round(24 / vol.spacing[1]))
-        sl = (z, slice(max(y - h, 0), y + h), slice(max(x - h, 0), x + h))
-        img = np.clip((vol.hu[sl].astype(float) + 1000) / 1400, 0, 1)
-        for k in (0, 1):
-            ax = axes[2 * r + k, c]
-            ax.imshow(img, cmap="gray", vmin=0, vmax=1)
-            if k:
-                ax.contour(m[sl], [0.5], colors="red", linewidths=0.7)
-                kind = "real (LIDC)" if nod["source"] == "lidc" else nod["placement"]
-                ax.set_title(f"{bg[:14]}: {kind}, {nod['diameter_mm']:.0f} mm", fontsize=6)
-            ax.axis("off")
-    fig.suptitle("Rows 1 and 3: as a reader sees them; rows 2 and 4: which is which (red: mask)", fontsize=8)
+        rows[bg] = [(vol, labels == n["id"], n) for n in report["nodules"]][:per_row]
+    fig, axes = plt.subplots(2 * len(rows), per_row, figsize=(2.1 * per_row, 4.4 * len(rows)), squeeze=False)
+    for r, (bg, tiles) in enumerate(rows.items()):
+        for c in range(per_row):
+            for k in (0, 1):
+                axes[2 * r + k, c].axis("off")
+            if c >= len(tiles):
+                continue
+            vol, m, nod = tiles[c]
+            z, y, x = (int(round(v)) for v in nod["centre_voxel_zyx"])
+            h = int(round(24 / vol.spacing[1]))
+            sl = (z, slice(max(y - h, 0), y + h), slice(max(x - h, 0), x + h))
+            img = np.clip((vol.hu[sl].astype(float) + 1000) / 1400, 0, 1)
+            for k in (0, 1):
+                ax = axes[2 * r + k, c]
+                ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+                if k:
+                    ax.contour(m[sl], [0.5], colors="red", linewidths=0.7)
+                    kind = "real (LIDC)" if nod["source"] == "lidc" else f"pasted, {nod['placement']}"
+                    ax.set_title(f"{kind}, {nod['diameter_mm']:.0f} mm", fontsize=6)
+        axes[2 * r, 0].set_title(f"{bg} ({vol.spacing[0]:g} mm slices)", fontsize=7, loc="left")
+    fig.suptitle("Odd rows: as a reader sees them; even rows: which is which (red: mask)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=70)
     plt.close(fig)
 
 
@@ -305,7 +319,7 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name}, LUNA16 (other data) | {cpm:.3f} | | | | | |")
     p = results["profile"]
     d = list(p["distance_mm"])
-    shown = [-3.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0]
+    shown = [-3.0, -1.0, -0.5, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0]
     lines += ["", "Mean HU by signed distance to the nodule mask (mm; inside < 0; blending margin 0-3 mm):", "",
               "| nodules | " + " | ".join(f"{x:g}" for x in shown) + " |", "|---|" + "---|" * len(shown)]
     curves = [("LIDC-IDRI-0001, real scan", p["real_0001"]), (f"crops, own margins ({p['n_crops']})", p["crops"])]

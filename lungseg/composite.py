@@ -20,9 +20,10 @@ is a background series with real nodules pasted into its lung parenchyma:
    ``parenchyma`` (anywhere the nodule fits), ``juxta-pleural`` (the nodule's
    mask within ``touch_mm`` of the lung's edge) and ``juxta-vascular`` (within
    ``touch_mm`` of a vessel: lung voxels above -500 HU that are no nodule).
-   The nodule's mask must lie inside the lung mask, and its mask grown by the
-   blending margin must not touch another nodule (the background's own or one
-   pasted before).
+   The nodule's mask must lie inside the lung mask, over mostly aerated lung
+   (``min_air_fraction`` of it below -500 HU: not on the hilum, a tumour or a
+   consolidation), and its mask grown by the blending margin must not touch
+   another nodule (the background's own or one pasted before).
 4. **Blending.** With d the distance (mm) of a voxel outside the nodule's
    mask, the weight of the crop is 1 inside the mask, falls as a raised
    cosine to 0 at d = ``margin_mm`` (3 mm by default), and is 0 beyond, where
@@ -268,6 +269,8 @@ def _fits(scene: _Scene, pasted: Pasted, grown_box: np.ndarray, start: np.ndarra
     if m.sum() < pasted.mask.sum():                     # leaves the volume
         return None
     if not scene.lungs[dst][m].all():                   # the nodule lies in the lungs
+        return None
+    if (scene.hu[dst][m] < VESSEL_HU).mean() < cfg.min_air_fraction:     # on aerated lung, not hilum or tumour
         return None
     grown = grown_box[src]
     if (scene.occupied[dst] & grown).any():

@@ -145,6 +145,8 @@ class CompositeConfig:
     min_diameter_mm: float = 3.0      # crops whose pasted nodule would be smaller are drawn again
     max_diameter_mm: float = 40.0
     tries: int = 400                  # centre draws per nodule before giving up on it
+    min_air_fraction: float = 0.6     # of the background under the nodule: aerated lung (< -500 HU), so that
+                                      # no nodule lands on the hilum, a tumour or a consolidation
 
     def __post_init__(self):
         if self.nodules_per_scan < 1:
@@ -153,6 +155,8 @@ class CompositeConfig:
             raise ValueError("margin_mm and touch_mm must be > 0")
         if not 0 < self.scale_min <= self.scale_max:
             raise ValueError(f"need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}")
+        if not 0 <= self.min_air_fraction <= 1:
+            raise ValueError(f"min_air_fraction must be in [0, 1], got {self.min_air_fraction}")
 
 
 def _builder(kind: str, arch: str):
