@@ -20,9 +20,10 @@ is a background series with real nodules pasted into its lung parenchyma:
    ``parenchyma`` (anywhere the nodule fits), ``juxta-pleural`` (the nodule's
    mask within ``touch_mm`` of the lung's edge) and ``juxta-vascular`` (within
    ``touch_mm`` of a vessel: lung voxels above -500 HU that are no nodule).
-   The nodule's mask must lie inside the lung mask, over mostly aerated lung
-   (``min_air_fraction`` of it below -500 HU: not on the hilum, a tumour or a
-   consolidation), and its mask grown by the blending margin must not touch
+   The nodule's mask must lie inside the lung mask, over and among mostly
+   aerated lung (``min_air_fraction`` of the background under the mask, and of
+   the lung in its blending margin, below -500 HU: not on the hilum, a tumour
+   or a consolidation), and its mask grown by the blending margin must not touch
    another nodule (the background's own or one pasted before).
 4. **Blending.** With d the distance (mm) of a voxel outside the nodule's
    mask, the weight of the crop is 1 inside the mask, falls as a raised
@@ -270,9 +271,11 @@ def _fits(scene: _Scene, pasted: Pasted, grown_box: np.ndarray, start: np.ndarra
         return None
     if not scene.lungs[dst][m].all():                   # the nodule lies in the lungs
         return None
-    if (scene.hu[dst][m] < VESSEL_HU).mean() < cfg.min_air_fraction:     # on aerated lung, not hilum or tumour
-        return None
     grown = grown_box[src]
+    ring = grown & ~m & scene.lungs[dst]
+    for part in (m, ring):              # on aerated lung and among it: not the hilum, a tumour, a consolidation
+        if part.any() and (scene.hu[dst][part] < VESSEL_HU).mean() < cfg.min_air_fraction:
+            return None
     if (scene.occupied[dst] & grown).any():
         return None
     # Distances from the mask: smallest wall / vessel distance over the mask's voxels.

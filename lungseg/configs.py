@@ -145,8 +145,9 @@ class CompositeConfig:
     min_diameter_mm: float = 3.0      # crops whose pasted nodule would be smaller are drawn again
     max_diameter_mm: float = 40.0
     tries: int = 400                  # centre draws per nodule before giving up on it
-    min_air_fraction: float = 0.6     # of the background under the nodule: aerated lung (< -500 HU), so that
-                                      # no nodule lands on the hilum, a tumour or a consolidation
+    min_air_fraction: float = 0.6     # of the background under the nodule and of the lung in its margin:
+                                      # aerated (< -500 HU), so that no nodule lands on the hilum, a tumour
+                                      # or a consolidation
 
     def __post_init__(self):
         if self.nodules_per_scan < 1:
