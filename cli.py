@@ -461,6 +461,8 @@ def composite_command(backgrounds, crop_dir, out, per_background, nodules_per_sc
     if split_file is not None:
         patients = {p for p, s in splits.read_split(split_file).items() if s == split}
     failed = 0
+    click.echo(f"{len(backgrounds)} background(s) x {per_background} composite(s) of {nodules_per_scan} real "
+               f"nodules -> {out} (about half a minute each on 2 CPU cores)", err=True)
     with lidc.LidcDatabase() as db:
         for case, status, detail in composite.composite_many(backgrounds, crop_dir, out, per_background=per_background,
                                                              seed=seed, patients=patients, cfg=cfg, db=db):
