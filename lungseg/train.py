@@ -98,26 +98,59 @@ def _batches(loader: DataLoader, max_batches: int):
         yield batch
 
 
+#: Consecutive steps with a non-finite loss or gradient after which a run stops.
+MAX_SKIPPED_STEPS = 5
+
+
+def _grads_finite(model) -> bool:
+    return all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def train_one_epoch(model, loader, loss_fn: Callable, optimizer, *, device, precision: str,
                     scaler=None, grad_clip: float = 0.0, max_batches: int = 0,
-                    on_batch: Callable[[int, float], None] | None = None) -> float:
-    """One pass over ``loader``; returns the mean loss. Raises on a non-finite loss."""
+                    on_batch: Callable[[int, float], None] | None = None,
+                    on_skip: Callable[[int, str], None] | None = None) -> float:
+    """One pass over ``loader``; returns the mean loss of the steps taken.
+
+    Non-finite input is a data error and stops the run. A step whose loss or
+    gradients are not finite although its input is (seen here: oneDNN's 3D
+    convolutions on some CPUs now and then return NaN from finite input) is
+    skipped, as a ``GradScaler`` skips fp16 overflows, and reported through
+    ``on_skip(batch, reason)``; :data:`MAX_SKIPPED_STEPS` in a row (a diverged
+    run) stop it. Stopping raises :class:`TrainingError`; the last checkpoint is
+    then the previous epoch's.
+    """
     model.train()
-    total, count = 0.0, 0
+    total, count, in_a_row = 0.0, 0, 0
     for i, (x, y) in enumerate(_batches(loader, max_batches)):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if not torch.isfinite(x).all():
+            raise TrainingError(f"batch {i} holds non-finite input values; the cache is damaged "
+                                "(the last checkpoint is from the previous epoch)")
         optimizer.zero_grad(set_to_none=True)
         with precision_context(device, precision):
             out = model(x)
         loss = loss_fn(out.float(), y)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"the loss became {loss.item()} at batch {i}; lower --lr or use "
-                                "--precision fp32 (the last checkpoint is from the previous epoch)")
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
+        problem = "" if torch.isfinite(loss) else f"the loss became {loss.item()}"
+        if not problem:
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if scaler is None and not _grads_finite(model):
+                problem = "the gradients became non-finite"
+        if problem:
+            in_a_row += 1
+            if in_a_row >= MAX_SKIPPED_STEPS:
+                raise TrainingError(f"{problem} at batch {i}, {in_a_row} steps in a row; lower --lr or use "
+                                    "--precision fp32 (the last checkpoint is from the previous epoch)")
+            optimizer.zero_grad(set_to_none=True)
+            log.warning("%s at batch %d: step skipped", problem, i)
+            if on_skip:
+                on_skip(i, problem)
+            continue
+        in_a_row = 0
         if grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         if scaler is not None:
@@ -352,16 +385,19 @@ def fit(cfg: TrainConfig, cache_path: str | os.PathLike, out: str | os.PathLike,
             cb.on_epoch_start(epoch, min(cfg.max_batches, len(train_loader)) if cfg.max_batches else len(train_loader))
         loss_fn = lambda logits, target, e=epoch: loss(logits, target, epoch=e)  # noqa: E731
         lr = optimizer.param_groups[0]["lr"]
+        skipped: list[int] = []
         train_loss = train_one_epoch(train_model, train_loader, loss_fn, optimizer, device=device,
                                      precision=cfg.precision, scaler=state["scaler"], grad_clip=cfg.grad_clip,
-                                     max_batches=cfg.max_batches, on_batch=cb.on_batch)
+                                     max_batches=cfg.max_batches, on_batch=cb.on_batch,
+                                     on_skip=lambda batch, why: skipped.append(batch))
         state["scheduler"].step()
         scores = task.validate(model, val_loader, loss_fn, cfg, device) if data.validate else {}
         value = scores.get(metric_name, math.nan)
         improved = not math.isnan(value) and value > best
         best = value if improved else best
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, **scores, "loss_kind": loss.kind(epoch),
-                  "best": improved, "seconds": round(time.perf_counter() - t0, 2)}
+                  "best": improved, "seconds": round(time.perf_counter() - t0, 2),
+                  **({"skipped_batches": skipped} if skipped else {})}
         payload = _payload(task, cfg, state, data, cache_path, epoch=epoch + 1, best=best, metric=metric_name,
                            scores=scores)
         save_checkpoint(last_path, payload)

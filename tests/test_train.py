@@ -171,7 +171,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny, tmp_path):
         with h5py.File(cache.scans_dir(copy) / f"{uid}.h5", "a") as f:
             f["subcases/image"][0, 0, 0, 0] = np.nan
     more = train.SegConfig(epochs=2, split_file=split, **SEG)
-    with pytest.raises(train.TrainingError, match="loss became nan"):
+    with pytest.raises(train.TrainingError, match="non-finite input values"):
         train.fit(more, copy, tmp_path / "run", resume=True)
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 1
@@ -242,3 +242,34 @@ def test_a_new_task_is_one_table_entry(tiny, tmp_path, monkeypatch):
     assert seen == [CentreSlice] and summary["metric"] == "accuracy" and summary["epochs_run"] == 1
     with pytest.raises(TypeError, match="no training task for TrainConfig"):
         train.task_for(train.TrainConfig.__new__(train.TrainConfig))
+
+
+class _Flaky(torch.nn.Module):
+    """A classifier whose output is NaN on the calls listed in ``bad`` (a kernel's glitch)."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 2)
+        self.bad, self.calls = set(bad), 0
+
+    def forward(self, x):
+        out = self.lin(x)
+        self.calls += 1
+        return out * float("nan") if self.calls in self.bad else out
+
+
+def test_a_glitch_skips_one_step_and_a_divergence_stops_the_run():
+    from lungseg.losses import nll_loss
+
+    batches = [(torch.rand(3, 4), torch.tensor([0, 1, 0])) for _ in range(8)]
+    model = _Flaky(bad={2})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    skipped = []
+    loss = train.train_one_epoch(model, batches, nll_loss, opt, device=torch.device("cpu"), precision="fp32",
+                                 on_skip=lambda i, why: skipped.append((i, why)))
+    assert np.isfinite(loss) and skipped == [(1, "the loss became nan")]
+    assert all(torch.isfinite(p).all() for p in model.parameters())        # the glitch never reached the weights
+    always = _Flaky(bad=range(1, 100))
+    with pytest.raises(train.TrainingError, match=f"{train.MAX_SKIPPED_STEPS} steps in a row"):
+        train.train_one_epoch(always, batches, nll_loss, torch.optim.SGD(always.parameters(), lr=0.1),
+                              device=torch.device("cpu"), precision="fp32")
