@@ -88,6 +88,8 @@ class Background:
     name: str
     own: tuple[dict, ...]               # the background's own annotated nodules (with "mask", "box")
     irrelevant: tuple[dict, ...]        # nodules of fewer readers: centre and diameter only
+    wall_mm: np.ndarray                 # distance of each lung voxel to the lung's edge, mm
+    vessel_mm: np.ndarray               # distance to the nearest vessel voxel, mm (computed once per background)
 
 
 # --------------------------------------------------------------------------
@@ -140,7 +142,12 @@ def load_background(folder: str | os.PathLike, db: lidc.LidcDatabase | None = No
     if not lungs.any():
         raise LungsegError(f"{folder}: no lungs found; a composite needs a chest CT")
     name = record.patient_id if record is not None else (volume.patient_id or Path(folder).name)
-    return Background(volume, lungs, name, tuple(own), tuple(irrelevant))
+    spacing = np.asarray(volume.spacing, float)
+    vessels = lungs & (volume.hu >= VESSEL_HU) & ~include
+    wall = ndimage.distance_transform_edt(lungs, sampling=spacing).astype(np.float32)
+    vessel = ndimage.distance_transform_edt(~vessels, sampling=spacing).astype(np.float32) if vessels.any() \
+        else np.full(volume.shape, np.inf, np.float32)
+    return Background(volume, lungs, name, tuple(own), tuple(irrelevant), wall, vessel)
 
 
 # --------------------------------------------------------------------------
@@ -242,18 +249,13 @@ class _Scene:
 
 
 def _scene(bg: Background) -> _Scene:
-    spacing = np.asarray(bg.volume.spacing, float)
     occupied = np.zeros(bg.volume.shape, bool)
-    for n in bg.own:
-        occupied[n["box"]] |= n["mask"]
-    vessels = bg.lungs & (bg.volume.hu >= VESSEL_HU) & ~occupied
-    wall = ndimage.distance_transform_edt(bg.lungs, sampling=spacing).astype(np.float32)
-    vessel = ndimage.distance_transform_edt(~vessels, sampling=spacing).astype(np.float32) if vessels.any() \
-        else np.full(bg.volume.shape, np.inf, np.float32)
     labels = np.zeros(bg.volume.shape, np.uint16)
     for i, n in enumerate(bg.own, start=1):
+        occupied[n["box"]] |= n["mask"]
         labels[n["box"]][n["mask"]] = i
-    return _Scene(bg.volume.hu.astype(np.float32), bg.lungs, spacing, wall, vessel, occupied, labels)
+    return _Scene(bg.volume.hu.astype(np.float32), bg.lungs, np.asarray(bg.volume.spacing, float), bg.wall_mm,
+                  bg.vessel_mm, occupied, labels)
 
 
 def _fits(scene: _Scene, pasted: Pasted, grown_box: np.ndarray, start: np.ndarray, kind: str,
