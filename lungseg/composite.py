@@ -66,7 +66,7 @@ from . import lidc
 from .cache import equivalent_diameter_mm
 from .configs import CompositeConfig
 from .crops import CropRow, find_crops, read_crop
-from .dicomio import CTVolume, read_series, write_nifti, write_series
+from .dicomio import CTVolume, find_series, read_series, write_nifti, write_series
 from .errors import LungsegError
 from .preprocess import lung_mask
 
@@ -100,6 +100,27 @@ def _slice_z(volume: CTVolume) -> np.ndarray:
     return volume.voxel_to_world(np.c_[np.arange(volume.shape[0]), np.zeros((volume.shape[0], 2))])[:, 2]
 
 
+def _name(record: lidc.ScanRecord | None, patient_id: str, folder) -> str:
+    """What a background's composites are named after: its LIDC patient id, else its PatientID, else its folder."""
+    return record.patient_id if record is not None else (patient_id or Path(folder).name)
+
+
+def _lidc_record(db: lidc.LidcDatabase | None, series_uid: str) -> lidc.ScanRecord | None:
+    found = [s for s in db.scans() if s.series_uid == series_uid] if db is not None else []
+    return found[0] if found else None
+
+
+def background_name(folder: str | os.PathLike, db: lidc.LidcDatabase | None = None) -> str:
+    """A background's name from its headers alone (cheap: no pixel data), as :func:`load_background` names it."""
+    import pydicom
+
+    series = [s for s in find_series(folder) if s.modality == "CT"]
+    if len(series) != 1:
+        return Path(folder).name            # load_background will say what is wrong
+    header = pydicom.dcmread(series[0].files[0], stop_before_pixels=True, specific_tags=["PatientID"])
+    return _name(_lidc_record(db, series[0].series_uid), str(header.get("PatientID", "")), folder)
+
+
 def load_background(folder: str | os.PathLike, db: lidc.LidcDatabase | None = None, *,
                     min_readers: int = 3, mask_readers: int = 3) -> Background:
     """A background series, its lung mask, and its own LIDC nodules when the database knows the series."""
@@ -109,10 +130,7 @@ def load_background(folder: str | os.PathLike, db: lidc.LidcDatabase | None = No
         raise LungsegError(f"{folder}: a composite needs an axial series without tilt (direction "
                            f"{np.round(volume.direction, 3).tolist()}); this one is oblique or flipped")
     own, irrelevant = [], []
-    record = None
-    if db is not None:
-        found = [s for s in db.scans() if s.series_uid == volume.series_uid]
-        record = found[0] if found else None
+    record = _lidc_record(db, volume.series_uid)
     include = np.zeros(volume.shape, bool)
     if record is not None:
         annotations = db.annotations(record.id)
@@ -141,7 +159,7 @@ def load_background(folder: str | os.PathLike, db: lidc.LidcDatabase | None = No
     lungs = lung_mask(volume.hu, volume.spacing, include=include)
     if not lungs.any():
         raise LungsegError(f"{folder}: no lungs found; a composite needs a chest CT")
-    name = record.patient_id if record is not None else (volume.patient_id or Path(folder).name)
+    name = _name(record, volume.patient_id, folder)
     spacing = np.asarray(volume.spacing, float)
     vessels = lungs & (volume.hu >= VESSEL_HU) & ~include
     wall = ndimage.distance_transform_edt(lungs, sampling=spacing).astype(np.float32)
@@ -489,23 +507,28 @@ def composite_many(backgrounds: Sequence[str | os.PathLike], crop_dir: str | os.
     """
     crops = select_crops(crop_dir, patients)
     for folder in backgrounds:
+        bg = None
         try:
-            bg = load_background(folder, db)
+            name = background_name(folder, db)
         except LungsegError as exc:
             yield Path(folder).name, "failed", str(exc)
             continue
         for index in range(per_background):
-            case = f"{bg.name}-s{seed}-c{index:03d}"
+            case = f"{name}-s{seed}-c{index:03d}"
             if (Path(out) / case / "nodules.json").exists():
                 yield case, "skipped", Path(out) / case
                 continue
             try:
+                if bg is None:
+                    bg = load_background(folder, db)        # only when a composite of it is still missing
                 hu, labels, rows = compose(bg, crops, index=index, seed=seed, cfg=cfg)
             except LungsegError as exc:
                 yield case, "failed", str(exc)
+                if bg is None:              # the background itself cannot be used
+                    break
                 continue
             yield case, "done", write_composite(out, bg, hu, labels, rows, case=case, seed=seed, cfg=cfg)
 
 
-__all__ = ["CompositeConfig", "PLACEMENTS", "Background", "load_background", "transform_crop", "blend_weight",
+__all__ = ["CompositeConfig", "PLACEMENTS", "Background", "background_name", "load_background", "transform_crop", "blend_weight",
            "compose", "write_composite", "read_composite", "find_composites", "select_crops", "composite_many"]
