@@ -9,6 +9,12 @@ network and ROIs of 16 x 48 x 48 voxels around each nodule for the classifier.
 :func:`preprocess_scan` does one scan (read DICOM, find the LIDC nodules, build
 arrays); :func:`preprocess_dataset` runs it over many scans (optionally in
 worker processes) and writes each result to the HDF5 cache (:mod:`lungseg.cache`).
+:func:`preprocess_composite` and :func:`preprocess_composites` do the same for
+composites of ``lungseg composite`` (:mod:`lungseg.composite`); both paths
+measure nodules with :func:`measure_nodule` and build the cache entry with
+:func:`scan_record`, so LIDC scans and composites land in the cache alike.
+Here too live the one ROI centring rule (:func:`roi_centre`, :func:`roi_start`)
+and the lung mask.
 """
 
 from __future__ import annotations
