@@ -180,8 +180,7 @@ def boundary_profiles(data: Path, composites: Path) -> dict:
     volume = dicomio.read_series(data / "lidc" / "LIDC-IDRI-0001")
     with lidc.LidcDatabase() as db:
         record = db.scan(series_uid=volume.series_uid)
-        slice_z = volume.voxel_to_world(np.c_[np.arange(volume.shape[0]), np.zeros((volume.shape[0], 2))])[:, 2]
-        k_to_slice = lidc.slice_index_map(record, slice_z)
+        k_to_slice = lidc.slice_index_map(record, volume.slice_z_world())
         (nodule,) = lidc.find_nodules(record, db.annotations(record.id), min_readers=3)
         mask, box = lidc.consensus_mask(nodule, record.slice_zvals, volume.shape, mask_readers=3, k_to_slice=k_to_slice)
     full = np.zeros(volume.shape, bool)

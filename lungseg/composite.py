@@ -96,10 +96,6 @@ class Background:
 # Backgrounds
 # --------------------------------------------------------------------------
 
-def _slice_z(volume: CTVolume) -> np.ndarray:
-    return volume.voxel_to_world(np.c_[np.arange(volume.shape[0]), np.zeros((volume.shape[0], 2))])[:, 2]
-
-
 def _name(record: lidc.ScanRecord | None, patient_id: str, folder) -> str:
     """What a background's composites are named after: its LIDC patient id, else its PatientID, else its folder."""
     return record.patient_id if record is not None else (patient_id or Path(folder).name)
@@ -134,7 +130,7 @@ def load_background(folder: str | os.PathLike, db: lidc.LidcDatabase | None = No
     include = np.zeros(volume.shape, bool)
     if record is not None:
         annotations = db.annotations(record.id)
-        k_to_slice = lidc.slice_index_map(record, _slice_z(volume), where=str(folder))
+        k_to_slice = lidc.slice_index_map(record, volume.slice_z_world(), where=str(folder))
         voxel_mm3 = float(np.prod(volume.spacing))
         for nodule in lidc.find_nodules(record, annotations, min_readers=1):
             relevant = nodule.n_readers >= min_readers
@@ -442,7 +438,7 @@ def write_composite(out: str | os.PathLike, bg: Background, hu: np.ndarray, labe
             p.unlink()
     study, series = _uid(case, str(seed), "study"), _uid(case, str(seed), "series")
     write_series(dicom, hu, spacing=volume.spacing, origin=volume.origin, patient_id=case, study_uid=study,
-                 series_uid=series, slice_z=_slice_z(volume), intercept=min(-1024, int(hu.min())),
+                 series_uid=series, slice_z=volume.slice_z_world(), intercept=min(-1024, int(hu.min())),
                  description=f"lungseg composite of {bg.name}")
     write_nifti(labels, volume, folder / "nodules.nii.gz", dtype=np.uint16)
     report = {

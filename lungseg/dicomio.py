@@ -143,6 +143,11 @@ class CTVolume:
         affine = self.affine_lps()
         return idx @ affine[:3, :3].T + affine[:3, 3]
 
+    def slice_z_world(self) -> np.ndarray:
+        """World z (LPS, mm) of each slice's first voxel, in array order (what LIDC's slice z values are)."""
+        n = self.shape[0]
+        return self.voxel_to_world(np.c_[np.arange(n), np.zeros((n, 2))])[:, 2]
+
     def world_to_voxel(self, xyz: np.ndarray | Sequence) -> np.ndarray:
         """Map (..., 3) LPS points (mm) to fractional voxel indices in (z, y, x) order."""
         pts = np.asarray(xyz, dtype=np.float64)

@@ -241,8 +241,7 @@ def preprocess_scan(folder: str | os.PathLike, record: lidc.ScanRecord,
     (``irrelevant/``): detection scoring neither counts nor penalises findings on them.
     """
     volume = read_series(folder, series_uid=record.series_uid)
-    slice_z = volume.voxel_to_world(np.c_[np.arange(volume.shape[0]), np.zeros((volume.shape[0], 2))])[:, 2]
-    k_to_slice = lidc.slice_index_map(record, slice_z, where=str(folder))
+    k_to_slice = lidc.slice_index_map(record, volume.slice_z_world(), where=str(folder))
     nodules, irrelevant = [], []
     for nodule in lidc.find_nodules(record, annotations, min_readers=1):
         (nodules if nodule.n_readers >= cfg.min_readers else irrelevant).append(nodule)
@@ -256,7 +255,8 @@ def preprocess_scan(folder: str | os.PathLike, record: lidc.ScanRecord,
     return scan_record(volume, masks, rows, cfg, attrs, irrelevant=others)
 
 
-def preprocess_composite(folder: str | os.PathLike, cfg: PreprocessConfig = PreprocessConfig()) -> ScanRecordData:
+def preprocess_composite(folder: str | os.PathLike, cfg: PreprocessConfig = PreprocessConfig(), *,
+                         report: dict | None = None) -> ScanRecordData:
     """One composite of ``lungseg composite`` (:mod:`lungseg.composite`) as a cache entry, like an LIDC scan.
 
     Nodules come from ``nodules.nii.gz`` (value = nodule id) and ``nodules.json``
@@ -267,7 +267,7 @@ def preprocess_composite(folder: str | os.PathLike, cfg: PreprocessConfig = Prep
     from .dicomio import read_nifti_mask
 
     folder = Path(folder)
-    report = read_composite(folder)
+    report = report if report is not None else read_composite(folder)     # nodules.json, read once
     volume = read_series(folder / "dicom")
     labels, _ = read_nifti_mask(folder / "nodules.nii.gz")
     if labels.shape != volume.shape:
@@ -498,7 +498,7 @@ def preprocess_composites(root: str | os.PathLike, out: str | os.PathLike,
             if report["series_uid"] in done:
                 yield ScanResult(None, "skipped", "already in the cache", name=report["case"])
                 continue
-            record = preprocess_composite(folder, cfg)
+            record = preprocess_composite(folder, cfg, report=report)
         except LungsegError as exc:
             yield ScanResult(None, "failed", str(exc), name=folder.name)
             continue

@@ -585,3 +585,11 @@ def test_reads_the_jpeg_lossless_ricord_series(shared_data):
     lung = volume.hu[128, 200:300, 100:180]          # right lung, mid-scan
     assert -1000 < np.median(lung) < -500 and volume.hu.max() > 500      # lung and bone in HU
     assert np.all(np.diff(volume.slice_positions) > 0)
+
+
+def test_slice_z_world_is_each_slices_world_z(tmp_path):
+    volume = read_series(write_series(tmp_path).folder)
+    z = volume.slice_z_world()
+    assert z.shape == (volume.shape[0],)
+    np.testing.assert_allclose(z, [volume.voxel_to_world([k, 5, 7])[2] for k in range(volume.shape[0])])
+    np.testing.assert_allclose(np.diff(z), volume.spacing[0])
