@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 
 from lungseg import __version__
-from lungseg.configs import (ARCHS, CANDIDATE_THRESHOLD, FROC_MAX_FINDINGS, PRECISIONS, PRESETS, ClsConfig,
+from lungseg.configs import (ARCHS, CANDIDATE_THRESHOLD, FROC_MAX_FINDINGS, PRECISIONS, PRESETS, ClsConfig, DetConfig,
                              CompositeConfig, PredictConfig, PreprocessConfig, SegConfig)
 from lungseg.errors import LungsegError
 from lungseg.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_FILE, MANIFESTS_DIR
@@ -394,6 +394,30 @@ def train_cls(cache_path, out, resume, **options):
     _run_training(_train_config(ClsConfig, options), cache_path, out, resume)
 
 
+@main.command("train-det")
+@_common_train_options(DetConfig)
+@click.option("--width", type=click.IntRange(min=1), default=None,
+              help=f"Channels of the first stage [default: {DetConfig.width}].")
+@click.option("--target-fp-per-scan", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="The operating point chosen on the val split after training "
+                   f"[default: {DetConfig.target_fp_per_scan}].")
+def train_det(cache_path, out, resume, **options):
+    """Train the detector's false-positive reduction on the cache's candidates, then set its operating point.
+
+    The cache comes from lungseg preprocess (of composites, LIDC scans or twins);
+    each scan's blob candidates are labelled nodule or not. After training, the
+    best model's score threshold at --target-fp-per-scan false positives per
+    scan on the val split is stored in best.pt: lungseg predict's default.
+    """
+    cfg = _train_config(DetConfig, options)
+    _run_training(cfg, cache_path, out, resume)
+    from lungseg.detect import set_operating_point
+
+    op = set_operating_point(out / "best.pt" if (out / "best.pt").exists() else out / "last.pt", cache_path)
+    click.echo(f"operating point: p(nodule) >= {op['threshold']:.3f}, {op['fp_per_scan']:.2f} false positives "
+               f"per scan and sensitivity {op['sensitivity']:.3f} on {op['data']}")
+
+
 # --------------------------------------------------------------------------
 # synth
 # --------------------------------------------------------------------------
@@ -496,14 +520,22 @@ def composite_command(backgrounds, crop_dir, out, per_background, nodules_per_sc
               help="Overlap of neighbouring windows.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
-def predict(source, seg, cls_, out, threshold, min_volume_mm3, overlap, device, precision):
+@click.option("--det", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Detector checkpoint (train-det's best.pt): blob candidates, its p(nodule), then --seg on "
+                   "each finding. Without it, paper A's path: --seg over the whole lungs.")
+@click.option("--det-threshold", type=click.FloatRange(0, 1), default=None,
+              help="On p(nodule) [default: the detector's operating point, chosen on its development data].")
+def predict(source, seg, cls_, out, threshold, min_volume_mm3, overlap, device, precision, det, det_threshold):
     """Find and rate the nodules of every CT series under SOURCE (DICOM folder tree or NIfTI file)."""
     from lungseg import infer
 
-    cfg = PredictConfig(threshold=threshold, min_volume_mm3=min_volume_mm3, overlap=overlap,
-                              device=device, precision=precision)
+    try:
+        cfg = PredictConfig(threshold=threshold, min_volume_mm3=min_volume_mm3, overlap=overlap,
+                            device=device, precision=precision, det_threshold=det_threshold)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
     failed = 0
-    for job, status, detail in infer.predict(source, seg, cls_, out, cfg):
+    for job, status, detail in infer.predict(source, seg, cls_, out, cfg, det=det):
         if status == "failed":
             failed += 1
             click.echo(f"failed: {job.path}: {detail}", err=True)
@@ -542,14 +574,19 @@ def predict(source, seg, cls_, out, threshold, min_volume_mm3, overlap, device, 
               show_default=True, help="FROC: probability that cuts the segmenter's map into findings.")
 @click.option("--max-findings", type=click.IntRange(min=1), default=FROC_MAX_FINDINGS, show_default=True,
               help="FROC: findings kept per scan (LUNA16: 100).")
+@click.option("--det", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Detector checkpoint (train-det): its FROC, and Table 4 of --seg on what it finds.")
+@click.option("--det-threshold", type=click.FloatRange(0, 1), default=None,
+              help="p(nodule) of the findings --seg is scored on [default: the detector's operating point].")
 def evaluate(cache_path, seg, cls_, split, split_file, protocol, out, n_bootstrap, seed, device, precision,
-             candidate_threshold, max_findings):
+             candidate_threshold, max_findings, det, det_threshold):
     """Paper A's tables (Table 4 by size, Table 5) and detection the LUNA16 way (FROC, CPM) on whole scans."""
     from lungseg import evaluate as ev
 
     report = ev.evaluate(cache_path, seg=seg, cls=cls_, out=out, split=split, split_file=split_file or DEFAULT_SPLIT_FILE,
                          protocol=protocol, device=device, precision=precision, n_bootstrap=n_bootstrap,
-                         seed=seed, candidate_threshold=candidate_threshold, max_findings=max_findings)
+                         seed=seed, candidate_threshold=candidate_threshold, max_findings=max_findings,
+                         det=det, det_threshold=det_threshold)
     click.echo(ev.markdown(report))
     click.echo(f"written: {out / 'evaluation.json'}")
 

@@ -40,8 +40,13 @@ ARCHS: dict[str, dict[str, str]] = {
     "seg": {"resunet3d": "resunet3d:resunet3d", "unet3d": "resunet3d:unet3d"},
     "cls": {"resnet3d50": "resnet3d:resnet3d50", "resnet3d50_plain": "resnet3d:resnet3d50_plain",
             "resnet2d50": "resnet3d:resnet2d50"},
+    "det": {"candidatenet": "detect:candidate_net"},
 }
 SEG_ARCHS = tuple(ARCHS["seg"])
+#: What a segmenter trains on: paper A's sub-cases, or the ROIs of the detector's
+#: candidates (nodules in their real surroundings, and the vessels, airways and
+#: chest wall that look like them; :class:`lungseg.datasets.CandidateSegDataset`).
+SEG_PATCHES = ("subcase", "candidate")
 CLS_ARCHS = tuple(ARCHS["cls"])
 #: FROC findings (``lungseg evaluate``): probability map voxels at or above
 #: CANDIDATE_THRESHOLD form them. Low on purpose: the FROC sweeps the findings'
@@ -93,6 +98,7 @@ class PreprocessConfig:
 MODEL_INPUT_FIELDS = {
     "seg": ("spacing", "window"),
     "cls": ("spacing", "window", "roi_shape"),
+    "det": ("spacing", "window", "roi_shape"),
 }
 
 
@@ -120,6 +126,7 @@ class PredictConfig:
 
     threshold: float = 0.5            # on the segmentation probability
     min_volume_mm3: float = 14.0      # a 3 mm sphere: LIDC's smallest outlined nodules
+    det_threshold: float | None = None  # on p(nodule); None: the detector's operating point
     overlap: float = 0.5              # of neighbouring windows, per axis
     device: str = "auto"
     precision: str = "auto"           # one of lungseg.configs.PRECISIONS
@@ -129,8 +136,28 @@ class PredictConfig:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if not 0 <= self.overlap < 1:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+        if self.det_threshold is not None and not 0 <= self.det_threshold <= 1:
+            raise ValueError(f"det_threshold must be in [0, 1], got {self.det_threshold}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """Candidate generation of the detector (:func:`lungseg.detect.candidates`), on the preprocessing grid."""
+
+    sigmas_mm: tuple[float, ...] = (1.2, 2.0, 3.2, 5.0, 8.0)   # blob radii ~ sqrt(3) sigma: 2-14 mm
+    min_response: float = 40.0        # -sigma^2 LoG at the peak, HU
+    min_hu: float = -750.0            # lightly smoothed HU at the centre
+    nms_mm: float = 2.5               # one peak per this neighbourhood (half-width)
+    max_candidates: int = 1000        # per scan, strongest first
+
+    def __post_init__(self):
+        if not self.sigmas_mm or any(s <= 0 for s in self.sigmas_mm):
+            raise ValueError(f"sigmas_mm must be positive, got {self.sigmas_mm}")
+        if self.max_candidates < 1:
+            raise ValueError(f"max_candidates must be >= 1, got {self.max_candidates}")
+        object.__setattr__(self, "sigmas_mm", tuple(float(s) for s in self.sigmas_mm))
 
 
 @dataclass(frozen=True)
@@ -218,10 +245,15 @@ class SegConfig(TrainConfig):
     loss: str = "paper"                              # paper | dice | bce | dice+bce
     switch_epoch: int = 3
     threshold: float = 0.5
+    patches: str = "subcase"                         # or "candidate" (SEG_PATCHES)
+    balance: bool = False                            # candidate patches: nodules and others equally often
 
     def __post_init__(self):
         super().__post_init__()
         from .resunet3d import UNet3dConfig
+
+        if self.patches not in SEG_PATCHES:
+            raise ValueError(f"patches must be one of {', '.join(SEG_PATCHES)}, got {self.patches!r}")
 
         object.__setattr__(self, "widths", UNet3dConfig(widths=self.widths).widths)   # the network's rule
 
@@ -248,8 +280,34 @@ class ClsConfig(TrainConfig):
         return _builder("cls", self.arch)(num_classes=2, width=self.width)
 
 
+@dataclass(frozen=True)
+class DetConfig(TrainConfig):
+    """The detector's false-positive reduction (:class:`lungseg.detect.CandidateNet`); not in paper A."""
+
+    kind: ClassVar[str] = "det"
+    epochs: int = 12
+    batch_size: int = 32
+    lr: float = 1e-3
+    lr_milestones: tuple[int, ...] = (8,)
+    arch: str = "candidatenet"
+    max_batches: int = 250                           # an epoch: 8000 balanced draws of about 50k candidates
+    width: int = 12
+    balance: bool = True                             # nodules and other candidates equally often
+    target_fp_per_scan: float = 1.0                  # the operating point chosen on the val split
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.width < 1:
+            raise ValueError(f"width must be >= 1, got {self.width}")
+        if not self.target_fp_per_scan > 0:
+            raise ValueError(f"target_fp_per_scan must be > 0, got {self.target_fp_per_scan}")
+
+    def build_model(self):
+        return _builder("det", self.arch)(width=self.width)
+
+
 #: The config type of each task kind, as checkpoints name it.
-CONFIGS: dict[str, type[TrainConfig]] = {"seg": SegConfig, "cls": ClsConfig}
+CONFIGS: dict[str, type[TrainConfig]] = {"seg": SegConfig, "cls": ClsConfig, "det": DetConfig}
 
 
 #: Named presets: overrides of the paper's defaults. ``cpu`` is for machines
@@ -263,11 +321,17 @@ CONFIGS: dict[str, type[TrainConfig]] = {"seg": SegConfig, "cls": ClsConfig}
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "seg": {"paper": {}, "cpu": {"widths": (4, 8, 16, 32, 64), "epochs": 8}},
     "cls": {"paper": {}, "cpu": {"width": 8, "epochs": 5}},
+    # The detector is not paper A's: "paper" is its defaults, sized for 2 CPU cores.
+    "det": {"paper": {}},
 }
+#: The segmenter of ``lungseg predict`` with the detector: the cpu preset's Res U-Net
+#: on candidate ROIs (nodules in real surroundings), for ``train-seg --preset context``.
+PRESETS["seg"]["context"] = {**PRESETS["seg"]["cpu"], "patches": "candidate", "balance": True, "epochs": 10,
+                             "batch_size": 8, "max_batches": 300, "lr_milestones": (7,), "switch_epoch": 2}
 
 
-def make_config(kind: str, preset: str = "paper", **options: Any) -> SegConfig | ClsConfig:
-    """The config of ``kind`` ("seg"/"cls"): paper defaults, then ``preset``, then ``options``."""
+def make_config(kind: str, preset: str = "paper", **options: Any) -> TrainConfig:
+    """The config of ``kind`` ("seg"/"cls"/"det"): defaults, then ``preset``, then ``options``."""
     if kind not in CONFIGS:
         raise ValueError(f"unknown task kind {kind!r}; kinds are {sorted(CONFIGS)}")
     if preset not in PRESETS[kind]:

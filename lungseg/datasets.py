@@ -103,6 +103,76 @@ class RoiDataset(_CacheDataset):
         return torch.from_numpy(image)[None], torch.tensor(label, dtype=torch.long)
 
 
+def _candidates(cache: Cache, uid: str):
+    """The ``candidates`` group of a scan (h5py), or a clear error for caches written before the detector."""
+    g = cache.scan(uid)
+    if "candidates" not in g:
+        from .errors import CacheError
+        raise CacheError(f"{cache.path}: scan {uid} has no detector candidates (written by lungseg preprocess "
+                         "since the detector came; preprocess the scans again into a new cache)")
+    return g["candidates"]
+
+
+class CandidateDataset(_CacheDataset):
+    """(image, label) pairs for the detector's false-positive reduction: 1 x 16 x 48 x 48 ROIs, 1 nodule / 0 not.
+
+    Every candidate of a scan (:mod:`lungseg.detect`) that hits a relevant nodule
+    (label 1) or none (0), and each relevant nodule's own ROI (1); candidates on
+    nodules of fewer readers are left out.
+    """
+
+    def _index(self):
+        items = []
+        for uid in self.series_uids:
+            labels = _candidates(self.cache, uid)["label"][:]
+            items.extend(("candidates", uid, i, int(lab)) for i, lab in enumerate(labels) if lab >= 0)
+            items.extend(("rois", uid, i, 1) for i in range(self.cache.scan(uid)["rois/image"].shape[0]))
+        return items
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([item[-1] for item in self.items], dtype=np.int64)
+
+    def __getitem__(self, key):
+        index, epoch = self._unpack(key)
+        group, uid, i, label = self.items[index]
+        image = self.cache.scan(uid)[f"{group}/image"][i].astype(np.float32)
+        if self.augment:
+            (image,) = augment([image], self._rng(index, epoch))
+        return torch.from_numpy(image)[None], torch.tensor(label, dtype=torch.long)
+
+
+class CandidateSegDataset(CandidateDataset):
+    """(image, mask) pairs of the same ROIs for a segmenter that sees nodules in their real surroundings.
+
+    The mask is that of every relevant nodule in the ROI (of the nodule alone
+    in a nodule's own ROI; empty for most candidates: the segmenter learns to
+    leave vessels and walls out). Without augmentation (validation) only every
+    ``VAL_NEGATIVE_STRIDE``-th candidate off the nodules is read, so that
+    validating a segmenter costs about as much as an epoch of training.
+    """
+
+    VAL_NEGATIVE_STRIDE = 10
+
+    def _index(self):
+        items = super()._index()
+        if self.augment:
+            return items
+        negatives = [i for i, item in enumerate(items) if item[-1] == 0][::self.VAL_NEGATIVE_STRIDE]
+        keep = set(negatives) | {i for i, item in enumerate(items) if item[-1] == 1}
+        return [item for i, item in enumerate(items) if i in keep]
+
+    def __getitem__(self, key):
+        index, epoch = self._unpack(key)
+        group, uid, i, label = self.items[index]
+        g = self.cache.scan(uid)
+        image = g[f"{group}/image"][i].astype(np.float32)
+        mask = g[f"{group}/mask"][i].astype(np.float32)
+        if self.augment:
+            image, mask = augment([image, mask], self._rng(index, epoch))
+        return torch.from_numpy(image)[None], torch.from_numpy(mask)[None]
+
+
 class EpochSampler(Sampler):
     """Yields (index, epoch) in an order drawn from (seed, epoch).
 

@@ -253,6 +253,68 @@ def _froc_section(scans, meta, seg_rows, *, candidate_threshold: float, max_find
     }
 
 
+def evaluate_detection(det, seg, cache: Cache, uids, *, device, precision: str = "auto", det_threshold: float,
+                       seg_threshold: float = 0.5, max_findings: int = FROC_MAX_FINDINGS, n_bootstrap: int = 1000,
+                       seed: int = 0) -> dict[str, Any]:
+    """The detector (``lungseg train-det``) on a scan cache, and the segmenter on what it finds.
+
+    ``froc``: the FROC of the detector's findings (its suppressed candidates,
+    scored by p(nodule); :func:`lungseg.detect.scan_findings`), as for a
+    segmenter's findings. With a segmenter (``seg``), Table 4 twice: ``in_context``
+    scores, per relevant nodule, the masks ``lungseg predict`` would report
+    (findings at ``det_threshold``, :func:`lungseg.detect.finding_masks`)
+    inside the nodule's ROI, a missed nodule scoring 0; ``nodule_centred``
+    scores the segmenter on each nodule's own ROI (its component nearest the
+    centre), whether found or not. Nodules whose mask vanishes on the model
+    grid (a few micro nodules on 3 mm slices) are left out of both.
+    """
+    from .detect import finding_masks, scan_findings, segment_rois
+
+    froc_scans, froc_meta = [], []
+    context_rows, centred_rows = [], []
+    for uid in uids:
+        g = cache.scan(uid)
+        spacing = np.asarray(g.attrs["spacing"], float)
+        keep, scores = scan_findings(det, cache, uid, device=device, precision=precision)
+        voxels = g["candidates/centre"][()][keep].reshape(-1, 3)
+        ref = reference_nodules(cache, uid)
+        froc_scans.append({"finding_centres_mm": voxels * spacing, "finding_scores": scores,
+                           "nodule_centres_mm": ref["centres_mm"], "nodule_diameters_mm": ref["diameter_mm"],
+                           "nodule_relevant": ref["relevant"]})
+        froc_meta.append((uid, str(g.attrs["patient_id"]), voxels, ref))
+        if seg is None:
+            continue
+        at = keep[scores >= det_threshold]
+        probs = segment_rois(seg, g["candidates/image"][()][at], device=device, precision=precision)
+        labels, _ = finding_masks(probs, g["candidates/start"][()][at], tuple(g.attrs["shape"]), spacing,
+                                  seg_threshold)
+        roi_images, roi_masks = g["rois/image"][()], g["rois/mask"][()]
+        centred = segment_rois(seg, roi_images, device=device, precision=precision)
+        table = cache.nodule_table(uid)
+        relevant = ref["relevant"][ref["table_index"] >= 0]
+        for j, start in enumerate(g["rois/start"][()]):
+            if not relevant[j]:
+                continue
+            truth = roi_masks[j] > 0
+            if not truth.any():         # the mask vanished on the model grid: nothing to score
+                continue
+            row = {"id": f"{uid}/{j}", "patient_id": str(g.attrs["patient_id"]),
+                   "diameter_mm": float(table["diameter_mm"][j])}
+            context_rows.append({**row, **metrics.segmentation_scores(truth, crop(labels, start, truth.shape) > 0)})
+            own, _ = finding_masks(centred[j:j + 1], np.zeros((1, 3), int), truth.shape, spacing, seg_threshold)
+            centred_rows.append({**row, **metrics.segmentation_scores(truth, own > 0)})
+    out = {"froc": _froc_section(froc_scans, froc_meta, context_rows, candidate_threshold=det_threshold,
+                                 max_findings=max_findings, n_bootstrap=n_bootstrap, seed=seed),
+           "det_threshold": float(det_threshold)}
+    if seg is not None:
+        for name, rows in (("in_context", context_rows), ("nodule_centred", centred_rows)):
+            out[name] = {"per_size_category": metrics.per_category_table(
+                np.asarray([r["diameter_mm"] for r in rows]), {k: [r[k] for r in rows] for k in
+                                                                ("dice", "precision", "recall")}) if rows else {},
+                "nodules": rows}
+    return out
+
+
 def is_crop_cache(cache: Cache) -> bool:
     """Whether the cache was made by ``lungseg import-crops`` (one nodule crop per entry)."""
     return cache.config.get("source") == "crops"
@@ -404,6 +466,24 @@ def markdown(report: dict[str, Any]) -> str:
                     lines.append(f"| {name} | {row['n']} | {row['dice']:.3f} | {row['precision']:.3f} "
                                  f"| {row['recall']:.3f} |")
         lines += [""]
+    det = report.get("detection")
+    if det:
+        f = det["froc"]
+        c, (lo, hi), at = f["counts"], f["cpm_ci95"], f["sensitivity_at_fp_rates"]
+        lines += [f"Detector FROC (LUNA16): CPM {f['cpm']:.3f} [{lo:.3f}, {hi:.3f}]; sensitivity "
+                  + ", ".join(f"{at[k]:.3f} at {k}" for k in ("1", "2", "4")) + " FP/scan; "
+                  f"{c['n_hit']}/{c['n_relevant']} relevant nodules among all findings, {c['n_false_positive']} "
+                  f"false positives over {c['n_scans']} scans"]
+        for name, title in (("in_context", f"Table 4, masks of the findings at p(nodule) >= "
+                                           f"{det['det_threshold']:.3f} (a missed nodule scores 0)"),
+                            ("nodule_centred", "Table 4, the segmenter on each nodule's own ROI")):
+            if det.get(name) and det[name]["per_size_category"]:
+                lines += ["", title + ":", "", "| size category | n | dice | precision | recall |",
+                          "|---|---|---|---|---|"]
+                for cat, row in det[name]["per_size_category"].items():
+                    lines.append(f"| {cat} | {row['n']} | {row['dice']:.3f} | {row['precision']:.3f} "
+                                 f"| {row['recall']:.3f} |")
+        lines += [""]
     cls = report.get("classification")
     if cls:
         ci = cls["ci95"]
@@ -419,8 +499,14 @@ def evaluate(cache_path: str | os.PathLike, *, seg: str | os.PathLike | None, cl
              out: str | os.PathLike, split: str = "test", split_file: str | os.PathLike = DEFAULT_SPLIT_FILE,
              protocol: str = "nodule", device: str = "auto", precision: str = "auto",
              n_bootstrap: int = 1000, seed: int = 0, candidate_threshold: float = CANDIDATE_THRESHOLD,
-             max_findings: int = FROC_MAX_FINDINGS) -> dict[str, Any]:
+             max_findings: int = FROC_MAX_FINDINGS, det: str | os.PathLike | None = None,
+             det_threshold: float | None = None) -> dict[str, Any]:
     """Score the checkpoints on one split of a cache (``split="all"``: every entry, no split file).
+
+    With a detector (``det``) the report's ``detection`` section holds its FROC
+    and, with ``seg``, Table 4 of the segmenter on what it finds at
+    ``det_threshold`` (default: the detector's operating point), instead of
+    the segmenter's sub-case sections (:func:`evaluate_detection`).
 
     Writes ``evaluation.json`` (tables, intervals, and one row per nodule or
     item), ``evaluation.md``, for a classifier ``roc.png``, and for a
@@ -428,8 +514,8 @@ def evaluate(cache_path: str | os.PathLike, *, seg: str | os.PathLike | None, cl
     at most ``max_findings`` per scan). A checkpoint trained on other
     preprocessing than the cache's is refused.
     """
-    if seg is None and cls is None:
-        raise LungsegError("give a segmentation checkpoint (--seg), a classification one (--cls), or both")
+    if seg is None and cls is None and det is None:
+        raise LungsegError("give a segmentation (--seg), classification (--cls) or detector (--det) checkpoint")
     cache = Cache(cache_path)
     if split == "all":
         uids, split_file = list(cache.series_uids), None
@@ -439,11 +525,13 @@ def evaluate(cache_path: str | os.PathLike, *, seg: str | os.PathLike | None, cl
         raise LungsegError(f"{cache_path}: no scans of split '{split}' in {split_file}")
     dev = resolve_device(device)
     models, described = {}, {}
-    for kind, path in (("seg", seg), ("cls", cls)):
+    op = None
+    for kind, path in (("seg", seg), ("cls", cls), ("det", det)):
         if path is not None:
             model, ckpt = load_model(path, kind=kind)
             check_input(path, ckpt, cache.config, cache_path)
             models[kind], described[kind] = model.to(dev), describe(path, ckpt)
+            op = ckpt.get("operating_point") if kind == "det" else op
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
@@ -452,7 +540,14 @@ def evaluate(cache_path: str | os.PathLike, *, seg: str | os.PathLike | None, cl
         "protocol": protocol,
         "checkpoints": described,
     }
-    if seg is not None:
+    if det is not None:
+        threshold = det_threshold if det_threshold is not None else (op or {}).get("threshold", 0.5)
+        report["detection"] = evaluate_detection(models["det"], models.get("seg"), cache, uids, device=dev,
+                                                 precision=precision, det_threshold=threshold,
+                                                 max_findings=max_findings, n_bootstrap=n_bootstrap, seed=seed)
+        report["detection"]["operating_point"] = op
+        plot_froc(report["detection"]["froc"], out / "froc.png", f"{Path(cache_path).name}, split {split}, detector")
+    elif seg is not None:
         report["segmentation"] = evaluate_segmentation(models["seg"], cache, uids, device=dev, precision=precision,
                                                        candidate_threshold=candidate_threshold,
                                                        max_findings=max_findings, n_bootstrap=n_bootstrap, seed=seed)

@@ -37,7 +37,8 @@ from scipy import ndimage
 from . import __version__
 from .cache import SIZE_CATEGORIES, equivalent_diameter_mm, size_category
 from .checkpoints import check_input, describe, load_model
-from .configs import MODEL_INPUT_FIELDS, PredictConfig  # noqa: F401  (re-exported)
+from .configs import MODEL_INPUT_FIELDS, DetectConfig, PredictConfig  # noqa: F401  (re-exported)
+from .detect import candidates, finding_masks, score_rois, segment_rois, suppress
 from .device import precision_context, resolve_device
 from .dicomio import CTVolume, find_series, read_nifti_volume, read_series, write_nifti
 from .errors import LungsegError
@@ -59,13 +60,17 @@ class Models:
     preprocess: PreprocessConfig
     checkpoints: dict[str, Any]
     device: torch.device
+    det: torch.nn.Module | None = None             # the detector's false-positive reduction
+    operating_point: dict[str, Any] | None = None  # chosen on the detector's development data
 
     @classmethod
-    def load(cls, seg_path, cls_path, device: str = "auto") -> "Models":
-        """Both checkpoints; refused when the classifier expects other input than the segmenter's preprocessing.
+    def load(cls, seg_path, cls_path, device: str = "auto", det_path=None) -> "Models":
+        """The checkpoints; refused when one expects other input than the segmenter's preprocessing.
 
         The preprocessing of a prediction is the segmenter's (spacing, window,
-        window size, lung mask) with the classifier's ROI shape.
+        window size, lung mask) with the classifier's ROI shape. With a
+        detector (``det_path``, from ``lungseg train-det``) its ROI shape must
+        be the classifier's.
         """
         dev = resolve_device(device)
         seg, seg_ckpt = load_model(seg_path, kind="seg")
@@ -76,7 +81,15 @@ class Models:
         config = PreprocessConfig.from_dict({**seg_pre, **({"roi_shape": cls_pre["roi_shape"]}
                                                            if "roi_shape" in cls_pre else {})})
         info = {"seg": describe(seg_path, seg_ckpt), "cls": describe(cls_path, cls_ckpt)}
-        return cls(seg.to(dev), clf.to(dev), config, info, dev)
+        det = op = None
+        if det_path is not None:
+            det, det_ckpt = load_model(det_path, kind="det")
+            check_input(det_path, det_ckpt, config.to_dict(), f"{seg_path} and {cls_path}",
+                        fields=MODEL_INPUT_FIELDS["det"])
+            info["det"] = describe(det_path, det_ckpt)
+            op = det_ckpt.get("operating_point")
+            det = det.to(dev)
+        return cls(seg.to(dev), clf.to(dev), config, info, dev, det, op)
 
 
 def _gaussian_weights(shape) -> np.ndarray:
@@ -159,8 +172,53 @@ class Prediction:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def _detect(hu_r: np.ndarray, lungs_r: np.ndarray, image_r: np.ndarray, models: Models, cfg: PredictConfig,
+            timings: dict) -> tuple[np.ndarray, list[dict]]:
+    """The detector's path on the model grid: (finding label mask, per finding its p(nodule)), best first.
+
+    Blob candidates, p(nodule) of each from the false-positive reduction,
+    suppression of candidates on one structure, the operating point, then the
+    segmenter on each finding's ROI (:func:`lungseg.detect.finding_masks`).
+    """
+    pre = models.preprocess
+    t = time.perf_counter()
+    cands = candidates(hu_r, lungs_r, pre.spacing, DetectConfig())
+    rois = np.stack([crop(image_r, roi_start(c, pre.roi_shape), pre.roi_shape) for c in cands.centres]) \
+        if len(cands) else np.zeros((0, *pre.roi_shape), np.float32)
+    timings["candidates_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    p = score_rois(models.det, rois, device=models.device, precision=cfg.precision)
+    keep = suppress(cands.centres * np.asarray(pre.spacing), cands.radius_mm, p)
+    threshold = cfg.det_threshold if cfg.det_threshold is not None else \
+        (models.operating_point or {}).get("threshold", 0.5)
+    keep = keep[p[keep] >= threshold]
+    timings["fp_reduction_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    probs = segment_rois(models.seg, rois[keep], device=models.device, precision=cfg.precision)
+    starts = np.asarray([roi_start(c, pre.roi_shape) for c in cands.centres[keep]], int).reshape(-1, 3)
+    labels_r, got = finding_masks(probs, starts, hu_r.shape, pre.spacing, cfg.threshold)
+    extras = [{"nodule_probability": round(float(p[keep[k]]), 4)} for k in got]
+    timings["segment_s"] = time.perf_counter() - t
+    return labels_r, extras
+
+
+def _lung_side(volume: CTVolume, centroid, lungs: np.ndarray) -> str:
+    """'left' or 'right' (the patient's): the side of the lungs' midline (LPS x grows to the left)."""
+    box = ndimage.find_objects(lungs.astype(np.uint8))
+    mid = np.array([(b.start + b.stop - 1) / 2 for b in box[0]]) if box else np.array(volume.shape) / 2
+    x_mid = volume.voxel_to_world(mid)[0]
+    return "left" if volume.voxel_to_world(np.asarray(centroid, float))[0] > x_mid else "right"
+
+
 def predict_volume(volume: CTVolume, models: Models, cfg: PredictConfig = PredictConfig()) -> Prediction:
-    """Segment and classify the nodules of one CT volume."""
+    """Find, segment and classify the nodules of one CT volume.
+
+    With a detector (``models.det``) the findings are its (:func:`_detect`);
+    without one, paper A's path: the segmenter over the lungs in overlapping
+    windows, its probability map thresholded into components.
+    """
     timings = {}
     t = time.perf_counter()
     pre = models.preprocess
@@ -169,45 +227,52 @@ def predict_volume(volume: CTVolume, models: Models, cfg: PredictConfig = Predic
     lungs_r = lung_mask(hu_r, pre.spacing, threshold=pre.lung_threshold_hu, closing_mm=pre.lung_closing_mm)
     image_r = window(hu_r, *pre.window)
     timings["preprocess_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    region = ndimage.find_objects(lungs_r.astype(np.uint8))
-    region = region[0] if region else None
-    if region is None:
-        log.warning("%s: no lungs found; segmenting the whole volume", volume.path)
-    probs_r = sliding_window(models.seg, image_r, pre.subcase_shape, region=region, overlap=cfg.overlap,
-                             device=models.device, precision=cfg.precision)
-    timings["segment_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    probs = _to_original(probs_r, volume.shape, volume.spacing, pre.spacing, order=1)
     lungs = _to_original(lungs_r.astype(np.float32), volume.shape, volume.spacing, pre.spacing, order=1) >= 0.5
-    # Only voxels inside the lung mask count (paper A masks the parenchyma to cut false positives;
-    # the mask's closing keeps juxta-pleural nodules in).
-    components, n = ndimage.label((probs >= cfg.threshold) & lungs, structure=np.ones((3, 3, 3)))
+
+    extras: list[dict] = []
+    if models.det is not None:
+        labels_r, extras = _detect(hu_r, lungs_r, image_r, models, cfg, timings)
+        t = time.perf_counter()
+        components = _to_original(labels_r, volume.shape, volume.spacing, pre.spacing, order=0).astype(np.uint16)
+        probs = None
+    else:
+        t = time.perf_counter()
+        region = ndimage.find_objects(lungs_r.astype(np.uint8))
+        region = region[0] if region else None
+        if region is None:
+            log.warning("%s: no lungs found; segmenting the whole volume", volume.path)
+        probs_r = sliding_window(models.seg, image_r, pre.subcase_shape, region=region, overlap=cfg.overlap,
+                                 device=models.device, precision=cfg.precision)
+        timings["segment_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        probs = _to_original(probs_r, volume.shape, volume.spacing, pre.spacing, order=1)
+        # Only voxels inside the lung mask count (paper A masks the parenchyma to cut false positives;
+        # the mask's closing keeps juxta-pleural nodules in).
+        components, _ = ndimage.label((probs >= cfg.threshold) & lungs, structure=np.ones((3, 3, 3)))
     voxel_mm3 = float(np.prod(volume.spacing))
-    labels = np.zeros(volume.shape, np.uint16)
     kept = []
     for i, box in enumerate(ndimage.find_objects(components), start=1):
-        comp = components[box] == i
-        volume_mm3 = comp.sum() * voxel_mm3
-        if volume_mm3 < cfg.min_volume_mm3:
+        if box is None:
             continue
-        kept.append((box, comp))
+        comp = components[box] == i
+        if comp.sum() * voxel_mm3 < cfg.min_volume_mm3:
+            continue
+        kept.append((box, comp, extras[i - 1] if extras else {}))
     timings["components_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     ratio = np.asarray(volume.spacing) / np.asarray(pre.spacing)
+    labels = np.zeros(volume.shape, np.uint16)
     nodules = []
     rois = []
-    for nid, (box, comp) in enumerate(kept, start=1):
+    for nid, (box, comp, extra) in enumerate(kept, start=1):
         labels[box][comp] = nid
         idx = np.argwhere(comp) + [b.start for b in box]
         centroid = idx.mean(axis=0)
         volume_mm3 = float(len(idx) * voxel_mm3)
         diameter = equivalent_diameter_mm(volume_mm3)
         rois.append(crop(image_r, roi_start(centroid * ratio, pre.roi_shape), pre.roi_shape))
-        nodules.append({
+        row = {
             "id": nid,
             "centroid_voxel_zyx": [round(float(v), 2) for v in centroid],
             "centroid_world_lps_mm": [round(float(v), 2) for v in volume.voxel_to_world(centroid)],
@@ -216,8 +281,12 @@ def predict_volume(volume: CTVolume, models: Models, cfg: PredictConfig = Predic
             "volume_mm3": round(volume_mm3, 1),
             "mean_hu": round(float(volume.hu[box][comp].mean()), 1),
             "size_category": SIZE_CATEGORIES[size_category(diameter)][1],
-            "segmentation_confidence": round(float(probs[box][comp].mean()), 4),
-        })
+            "lung_side": _lung_side(volume, centroid, lungs),
+            **extra,
+        }
+        if probs is not None:
+            row["segmentation_confidence"] = round(float(probs[box][comp].mean()), 4)
+        nodules.append(row)
     if rois:
         x = torch.from_numpy(np.stack(rois)[:, None]).to(models.device)
         models.cls.eval()
@@ -231,8 +300,8 @@ def predict_volume(volume: CTVolume, models: Models, cfg: PredictConfig = Predic
 
 
 CSV_COLUMNS = ["id", "centroid_z", "centroid_y", "centroid_x", "world_x_mm", "world_y_mm", "world_z_mm",
-               "long_axis_mm", "diameter_mm", "volume_mm3", "mean_hu", "size_category",
-               "malignancy_probability", "segmentation_confidence"]
+               "long_axis_mm", "diameter_mm", "volume_mm3", "mean_hu", "size_category", "lung_side",
+               "nodule_probability", "malignancy_probability", "segmentation_confidence"]
 
 
 def _csv_row(n: dict) -> dict:
@@ -297,7 +366,10 @@ def write_report(out: Path, volume: CTVolume, pred: Prediction, models: Models, 
                    "masks": "nodules.nii.gz / lungs.nii.gz on the source grid, NIfTI RAS affine"},
         "checkpoints": models.checkpoints,
         "settings": {"threshold": cfg.threshold, "min_volume_mm3": cfg.min_volume_mm3,
-                     "overlap": cfg.overlap, "device": str(models.device), "precision": cfg.precision},
+                     "overlap": cfg.overlap, "device": str(models.device), "precision": cfg.precision,
+                     **({"detector": {"threshold": cfg.det_threshold if cfg.det_threshold is not None
+                                      else (models.operating_point or {}).get("threshold", 0.5),
+                                      "operating_point": models.operating_point}} if models.det is not None else {})},
         "timings_s": timings,
         "disclaimer": DISCLAIMER,
         "n_nodules": len(pred.nodules),
@@ -332,14 +404,15 @@ def find_inputs(source: str | os.PathLike) -> list[SeriesJob]:
 
 
 def predict(source: str | os.PathLike, seg: str | os.PathLike, cls: str | os.PathLike, out: str | os.PathLike,
-            cfg: PredictConfig = PredictConfig()) -> Iterator[tuple[SeriesJob, str, Any]]:
+            cfg: PredictConfig = PredictConfig(), det: str | os.PathLike | None = None
+            ) -> Iterator[tuple[SeriesJob, str, Any]]:
     """Predict every series under ``source`` into ``out/<series>/``; yields (job, status, detail).
 
     ``status`` is 'done' (detail: the report path), 'skipped' (a complete
     report exists) or 'failed' (detail: the error message).
     """
     jobs = find_inputs(source)
-    models = Models.load(seg, cls, cfg.device)
+    models = Models.load(seg, cls, cfg.device, det_path=det)
     out = Path(out)
     for job in jobs:
         folder = out / job.name

@@ -47,8 +47,8 @@ from . import metrics
 from .cache import Cache
 from .checkpoints import (CHECKPOINT_FORMAT, load_checkpoint, load_model,  # noqa: F401  (re-exported)
                           save_checkpoint, unwrap)
-from .configs import ClsConfig, SegConfig, TrainConfig  # noqa: F401  (re-exported)
-from .datasets import EpochSampler, RoiDataset, SubcaseDataset
+from .configs import ClsConfig, DetConfig, SegConfig, TrainConfig  # noqa: F401  (re-exported)
+from .datasets import CandidateDataset, CandidateSegDataset, EpochSampler, RoiDataset, SubcaseDataset
 from .device import precision_context, resolve_device
 from .errors import TrainingError  # noqa: F401  (re-exported)
 from .losses import SegLoss, nll_loss
@@ -245,7 +245,7 @@ class Task:
     """What one training task brings to the loop: everything else is shared."""
 
     kind: str                                      # the checkpoint's kind
-    dataset: type                                  # built as dataset(cache, uids, augment=, seed=)
+    dataset: Callable[[Any], type]                 # cfg -> dataset type, built as (cache, uids, augment=, seed=)
     items: str                                     # what the dataset holds, for messages
     make_loss: Callable[[Any], Any]                # cfg -> loss(logits, target, epoch=) with .kind(epoch)
     validate: Callable[..., dict[str, float]]      # (model, loader, loss_fn, cfg, device) -> scores
@@ -254,10 +254,13 @@ class Task:
 
 #: Training tasks by config type (:mod:`lungseg.configs`).
 TASKS: dict[type, Task] = {
-    SegConfig: Task("seg", SubcaseDataset, "sub-cases", lambda cfg: SegLoss(schedule=cfg.loss,
-                                                                             switch_epoch=cfg.switch_epoch),
+    SegConfig: Task("seg", lambda cfg: {"subcase": SubcaseDataset, "candidate": CandidateSegDataset}[cfg.patches],
+                    "patches", lambda cfg: SegLoss(schedule=cfg.loss, switch_epoch=cfg.switch_epoch),
                     _validate_seg, lambda val_ds: "dice"),
-    ClsConfig: Task("cls", RoiDataset, "labelled nodules", lambda cfg: ClsLoss(), _validate_cls, _cls_metric),
+    ClsConfig: Task("cls", lambda cfg: RoiDataset, "labelled nodules", lambda cfg: ClsLoss(), _validate_cls,
+                    _cls_metric),
+    DetConfig: Task("det", lambda cfg: CandidateDataset, "candidates", lambda cfg: ClsLoss(), _validate_cls,
+                    _cls_metric),
 }
 
 
@@ -296,7 +299,8 @@ def _load_data(task: Task, cfg: TrainConfig, cache_path) -> _Data:
     """The train and validation datasets of the split file; refuses an empty train or named-but-empty val split."""
     cache = Cache(cache_path)
     split = read_split(cfg.split_file)
-    train_ds, val_ds = (task.dataset(cache, split_scans(cache, split, name), augment=augment, seed=cfg.seed)
+    dataset = task.dataset(cfg)
+    train_ds, val_ds = (dataset(cache, split_scans(cache, split, name), augment=augment, seed=cfg.seed)
                         for name, augment in (("train", cfg.augment), ("val", False)))
     if len(train_ds) == 0:
         raise TrainingError(f"{cache_path}: the train split of {cfg.split_file} has no {task.items}")

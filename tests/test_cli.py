@@ -11,7 +11,7 @@ import cli
 from cli import main
 
 COMMANDS = ["synth", "composite", "preprocess", "info", "import-crops", "folds", "manifest", "train-seg", "train-cls",
-            "evaluate", "predict", "demo"]
+            "train-det", "evaluate", "predict", "demo"]
 
 
 def test_the_command_list_is_complete():

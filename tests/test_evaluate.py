@@ -60,7 +60,7 @@ def test_command_line_and_refusals(tiny_trained, all_test, tmp_path):
     with pytest.raises(LungsegError, match="no scans of split 'val'"):
         evaluate.evaluate(tiny_trained["cache"], seg=None, cls=tiny_trained["cls"], out=tmp_path,
                           split="val", split_file=all_test)
-    with pytest.raises(LungsegError, match="give a segmentation checkpoint"):
+    with pytest.raises(LungsegError, match="give a segmentation .*--seg.*checkpoint"):
         evaluate.evaluate(tiny_trained["cache"], seg=None, cls=None, out=tmp_path, split_file=all_test)
 
 

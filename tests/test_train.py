@@ -235,7 +235,7 @@ def test_a_new_task_is_one_table_entry(tiny, tmp_path, monkeypatch):
             return x * keep, y
 
     seen = []
-    task = dataclasses.replace(train.TASKS[train.ClsConfig], dataset=CentreSlice,
+    task = dataclasses.replace(train.TASKS[train.ClsConfig], dataset=lambda cfg: CentreSlice,
                                metric=lambda val_ds: seen.append(type(val_ds)) or "accuracy")
     monkeypatch.setitem(train.TASKS, CentreSliceConfig, task)
     summary = train.fit(CentreSliceConfig(epochs=1, split_file=split, **CLS), path, tmp_path / "run")

@@ -1,0 +1,210 @@
+"""Train the whole-scan detector and measure it the LUNA16 way, without LIDC-IDRI-0001.
+
+    python benchmarks/detector.py [--data ../shared/data] [--out benchmarks/out/detector]
+                                  [--stage all|train|report]
+
+One command, resumable (finished steps are skipped, an interrupted training
+resumes from its last epoch); every step is a ``lungseg`` command, printed
+before it runs and kept in ``OUT/commands.sh``. About 2 hours on 2 CPU cores.
+
+Training data (nothing of LIDC-IDRI-0001, nothing of the RICORD series):
+
+1. ``lungseg synth``: LIDC twins of ``TWINS`` (patients of the training folds,
+   every 29th of ``nodules_folds5_seed0_fold4.csv``'s train rows), their own
+   nodules filled with real crop texture.
+2. ``lungseg composite``: real nodules of folds 0-3 pasted into the real
+   Lung_Dx-A0002 (10 composites) and into each twin (3 composites), seed 1.
+3. ``lungseg preprocess`` of the composites: each scan's blob candidates,
+   labelled against its nodules (:mod:`lungseg.detect`).
+4. ``OUT/split.csv``: the composites of the last two twins are the val split
+   (where the operating point is chosen), the rest train.
+5. ``lungseg train-det`` (the false-positive reduction; then its operating
+   point at 1 false positive per scan on val), ``lungseg train-seg --preset
+   context`` (the Res U-Net on candidate ROIs: nodules in real surroundings)
+   and, for p(malignant), ``lungseg train-cls --preset cpu`` on the crops of
+   folds 0-3.
+
+Test (the detection benchmark's set, ``benchmarks/detection.py``): real nodules
+of fold 4 pasted into LIDC-IDRI-0001, Lung_Dx-A0002 and the RICORD series, and
+the real LIDC-IDRI-0001. ``lungseg evaluate --det`` on the unseen backgrounds
+(0001 and RICORD) and on A0002 (seen in training, with unseen nodules)
+separately; ``lungseg predict --det`` on the real 0001, timed per stage.
+
+Writes ``OUT/results.json`` and ``OUT/results.md``. Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from lungseg.splits import MANIFESTS_DIR, fold_files
+from real_nodules import ROOT, Runner, epochs_done, lungseg
+
+FOLD = 4
+#: Every 29th training patient of the fold-4 split (rows in file order, from the 3rd): the twins' patients.
+TWIN_STRIDE, TWIN_OFFSET, N_TWINS = 29, 2, 12
+VAL_TWINS = 2
+SEED = 1
+A0002 = "ct/Lung_Dx-A0002"
+TEST_BACKGROUNDS = ["lidc/LIDC-IDRI-0001", "ct/Lung_Dx-A0002", "ct/MIDRC-RICORD-1A-419639-000082"]
+#: Paper A's Table 4 (Dice of the 3D Res U-Net on whole-scan sub-cases, by size category).
+PAPER_TABLE4 = {"micro": 0.466, "small": 0.652, "nodule": 0.805, "mass": 0.910}
+
+
+def twin_patients() -> list[str]:
+    with open(fold_files(MANIFESTS_DIR, "nodules", 5, 0)[f"fold{FOLD}"]) as f:
+        train = [r["patient_id"] for r in csv.DictReader(f) if r["split"].strip() == "train"]
+    return ["LIDC-IDRI-0004"] + train[TWIN_OFFSET::TWIN_STRIDE][:N_TWINS]
+
+
+def train_step(run: Runner, folder: Path, command: list, epochs: int, log: Path) -> None:
+    """Run a training command into ``folder``; resume it when unfinished; skip it when done."""
+    done = epochs_done(folder)
+    if done >= epochs:
+        print(f"# {folder.name}: {done} epochs done", flush=True)
+        return
+    run([*command, *(["--resume"] if (folder / "last.pt").exists() else [])], log_file=log)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "detector")
+    parser.add_argument("--test-out", type=Path, default=ROOT / "benchmarks" / "out" / "detection",
+                        help="The detection benchmark's folder: its test set is reused.")
+    parser.add_argument("--stage", choices=["all", "train", "report"], default="all")
+    args = parser.parse_args()
+    out, data, test_out = args.out.resolve(), args.data.resolve(), args.test_out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    run = Runner(out)
+    folds = fold_files(MANIFESTS_DIR, "nodules", 5, 0)
+    fold_split = folds[f"fold{FOLD}"]
+    runs = out / "runs"
+    runs.mkdir(exist_ok=True)
+
+    from lungseg.configs import DetConfig, PRESETS, ClsConfig
+
+    if args.stage in ("all", "train"):
+        # 1-3: training scans.
+        twins = out / "twins"
+        patients = twin_patients()
+        missing = [p for p in patients if not (twins / p).is_dir()]
+        if missing:
+            run(lungseg("synth", "--out", twins, *[a for p in missing for a in ("--patient", p)],
+                        "--paste-real-nodules", data / "nodules"))
+        composites = out / "composites"
+        run(lungseg("composite", data / A0002, "--crops", data / "nodules", "--out", composites,
+                    "--per-background", 10, "--split-file", fold_split, "--split", "train", "--seed", SEED))
+        run(lungseg("composite", *[twins / p for p in patients], "--crops", data / "nodules", "--out", composites,
+                    "--per-background", 3, "--split-file", fold_split, "--split", "train", "--seed", SEED))
+        cache = out / "train.h5"
+        run(lungseg("preprocess", "--composite-root", composites, "--out", cache))
+        # 4: split by background.
+        split = out / "split.csv"
+        val = set(patients[-VAL_TWINS:])
+        rows = [(p.name, "val" if p.name.rsplit("-s", 1)[0] in val else "train")
+                for p in sorted(composites.glob("*/nodules.json")) for p in [p.parent]]
+        split.write_text("patient_id,split\n" + "".join(f"{a},{b}\n" for a, b in rows))
+        # 5: the three networks.
+        det_run, seg_run, cls_run = runs / "det", runs / "seg-context", runs / "cls-crops"
+        train_step(run, det_run, lungseg("train-det", "--cache", cache, "--out", det_run, "--split-file", split),
+                   DetConfig.epochs, runs / "det.log")
+        if "operating_point" not in _checkpoint(det_run / "best.pt"):
+            run(lungseg("train-det", "--cache", cache, "--out", det_run, "--split-file", split, "--resume"),
+                log_file=runs / "det.log")
+        train_step(run, seg_run, lungseg("train-seg", "--preset", "context", "--cache", cache, "--out", seg_run,
+                                         "--split-file", split),
+                   PRESETS["seg"]["context"]["epochs"], runs / "seg-context.log")
+        crops = out / "crops.h5"
+        if not (out / "import.done").exists():
+            run(lungseg("import-crops", data / "nodules", "--out", crops))
+            (out / "import.done").write_text("")
+        train_step(run, cls_run, lungseg("train-cls", "--preset", "cpu", "--cache", crops, "--out", cls_run,
+                                         "--split-file", fold_split),
+                   PRESETS["cls"]["cpu"].get("epochs", ClsConfig.epochs), runs / "cls-crops.log")
+    if args.stage in ("all", "report"):
+        report(run, out, data, test_out, fold_split)
+
+
+def _checkpoint(path: Path) -> dict:
+    from lungseg.checkpoints import load_checkpoint
+
+    return load_checkpoint(path) if path.exists() else {}
+
+
+def report(run: Runner, out: Path, data: Path, test_out: Path, fold_split: Path) -> None:
+    runs = out / "runs"
+    det, seg = runs / "det" / "best.pt", runs / "seg-context" / "best.pt"
+    cls = runs / "cls-crops" / "last.pt"
+    # The detection benchmark's test set (same commands as benchmarks/detection.py).
+    test_out.mkdir(parents=True, exist_ok=True)
+    composites, cache = test_out / "composites", test_out / "test.h5"
+    run(lungseg("composite", *[data / b for b in TEST_BACKGROUNDS], "--crops", data / "nodules", "--out",
+                composites, "--per-background", 2, "--split-file", fold_split, "--split", "test", "--seed", 0))
+    run(lungseg("preprocess", "--composite-root", composites, "--out", cache))
+    run(lungseg("preprocess", "--lidc-root", data / "lidc", "--out", cache))
+    from lungseg.cache import Cache
+
+    c = Cache(cache)
+    names = {uid: str(c.scan(uid).attrs["patient_id"]) for uid in c.series_uids}
+    split = out / "test_split.csv"
+    # test: backgrounds no network here saw; val: A0002 (a training background) with unseen nodules.
+    split.write_text("patient_id,split\n" + "".join(
+        f"{n},{'val' if n.startswith('Lung_Dx-A0002') else 'test'}\n" for n in sorted(set(names.values()))))
+    results = {"operating_point": _checkpoint(det).get("operating_point")}
+    for name, part in (("unseen", "test"), ("seen_background", "val")):
+        folder = out / f"evaluate-{name}"
+        if not (folder / "evaluation.json").exists():
+            run(lungseg("evaluate", "--cache", cache, "--split", part, "--split-file", split, "--det", det,
+                        "--seg", seg, "--out", folder))
+        results[name] = json.loads((folder / "evaluation.json").read_text())["detection"]
+    pred = out / "predict-0001"
+    if not any(pred.glob("*/nodules.json")):
+        run(lungseg("predict", data / "lidc" / "LIDC-IDRI-0001", "--seg", seg, "--cls", cls, "--det", det,
+                    "--out", pred))
+    report_0001 = json.loads(next(pred.glob("*/nodules.json")).read_text())
+    results["predict_0001"] = {k: report_0001[k] for k in ("n_nodules", "nodules", "timings_s", "settings")}
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    (out / "results.md").write_text(markdown(results) + "\n")
+    print(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    op = results.get("operating_point") or {}
+    lines = [f"Operating point: p(nodule) >= {op.get('threshold', float('nan')):.3f}, chosen on {op.get('data')}: "
+             f"{op.get('fp_per_scan', float('nan')):.2f} FP/scan, sensitivity {op.get('sensitivity', float('nan')):.3f}",
+             "", "| test scans | CPM [95 % CI] | sens. @1 FP/scan | @2 | @4 | found among all findings |",
+             "|---|---|---|---|---|---|"]
+    for name in ("unseen", "seen_background"):
+        f = results[name]["froc"]
+        at, c = f["sensitivity_at_fp_rates"], f["counts"]
+        lines.append(f"| {name} ({c['n_scans']} scans, {c['n_relevant']} nodules) | {f['cpm']:.3f} "
+                     f"[{f['cpm_ci95'][0]:.3f}, {f['cpm_ci95'][1]:.3f}] | {at['1']:.3f} | {at['2']:.3f} "
+                     f"| {at['4']:.3f} | {c['n_hit']}/{c['n_relevant']} |")
+    for table in ("in_context", "nodule_centred"):
+        lines += ["", f"Table 4 ({table}), Dice by size category (n):", "",
+                  "| test scans | micro | small | nodule | mass | all |", "|---|---|---|---|---|---|"]
+        for name in ("unseen", "seen_background"):
+            rows = results[name][table]["per_size_category"]
+            lines.append(f"| {name} | " + " | ".join(
+                f"{rows[k]['dice']:.3f} ({rows[k]['n']})" if rows[k]["n"] else "-" for k in
+                ("micro", "small", "nodule", "mass", "all")) + " |")
+        lines.append("| paper A (whole-scan sub-cases) | " + " | ".join(
+            f"{PAPER_TABLE4[k]:.3f}" for k in ("micro", "small", "nodule", "mass")) + " | |")
+    p = results["predict_0001"]
+    lines += ["", f"predict on the real LIDC-IDRI-0001: {p['n_nodules']} findings; timings "
+              + ", ".join(f"{k} {v:.1f} s" for k, v in p["timings_s"].items()), "",
+              "| id | p(nodule) | diameter mm | centre LPS mm | side | p(malignant) |", "|---|---|---|---|---|---|"]
+    for n in p["nodules"]:
+        lines.append(f"| {n['id']} | {n.get('nodule_probability', float('nan')):.3f} | {n['diameter_mm']:.1f} "
+                     f"| {', '.join(f'{v:.1f}' for v in n['centroid_world_lps_mm'])} | {n['lung_side']} "
+                     f"| {n.get('malignancy_probability', float('nan')):.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
