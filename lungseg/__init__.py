@@ -12,6 +12,7 @@ LIDC-IDRI DICOM. Modules, one job each:
 - ``resunet3d``, ``resnet3d``: the networks and their baselines.
 - ``losses``, ``metrics``: pure functions of the paper's equations.
 - ``datasets``, ``configs``, ``train``: data loading, settings and the training loops.
+- ``detect``: the whole-scan detector: blob candidates, false-positive reduction, finding masks.
 - ``infer``, ``evaluate``: whole-scan prediction and the paper's tables.
 - ``device``: CUDA when present, mixed precision where it helps.
 - ``anatomy``: the twin's anatomy renderer (used by ``synth`` only).
@@ -23,6 +24,10 @@ Where each rule lives (one definition, used everywhere):
 - preprocessing, training and predict settings, the network table, precisions,
   presets, and the fields a model's input depends on: ``configs``;
 - ROI centring (``roi_centre``, ``roi_start``): ``preprocess``;
+- detector candidates, their labels against nodules, suppression and the
+  finding masks (``candidates``, ``label_candidates``, ``suppress``,
+  ``finding_masks``): ``detect``; the FROC reference nodules
+  (``reference_nodules``): ``evaluate``;
 - size categories and the equivalent-sphere diameter: ``cache``;
 - the malignancy label (``malignancy_label``), the LIDC id-or-UID lookup
   (``LidcDatabase.find``): ``lidc``;
