@@ -156,6 +156,10 @@ def report(run: Runner, out: Path, data: Path, test_out: Path, fold_split: Path)
     split.write_text("patient_id,split\n" + "".join(
         f"{n},{'val' if n.startswith('Lung_Dx-A0002') else 'test'}\n" for n in sorted(set(names.values()))))
     results = {"operating_point": _checkpoint(det).get("operating_point")}
+    study = out / "candidate_study.json"
+    if not study.exists():
+        study.write_text(json.dumps(candidate_study(cache), indent=2))
+    results["candidates"] = json.loads(study.read_text())
     for name, part in (("unseen", "test"), ("seen_background", "val")):
         folder = out / f"evaluate-{name}"
         if not (folder / "evaluation.json").exists():
@@ -171,6 +175,51 @@ def report(run: Runner, out: Path, data: Path, test_out: Path, fold_split: Path)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
     (out / "results.md").write_text(markdown(results) + "\n")
     print(markdown(results))
+
+
+#: Candidates kept per scan at which the candidate study reads sensitivity.
+CANDIDATE_CAPS = (100, 250, 500, 1000)
+
+
+def candidate_study(cache_path: Path) -> dict:
+    """Sensitivity of the candidate stage alone on the test scans, ranked by LoG response or by response x blobness.
+
+    Each scan is read from its source and preprocessed as ``lungseg predict``
+    does (no nodule mask helps the lung mask); a nodule is found at a cap when
+    one of the best ``cap`` candidates lies within its radius.
+    """
+    import numpy as np
+
+    from lungseg.cache import Cache
+    from lungseg.configs import DetectConfig, PreprocessConfig
+    from lungseg.detect import candidates, label_candidates
+    from lungseg.dicomio import read_series
+    from lungseg.evaluate import reference_nodules
+    from lungseg.preprocess import lung_mask, resample, resampled_shape
+
+    cache = Cache(cache_path)
+    pre = PreprocessConfig.from_dict(cache.config)
+    found = {w: {cap: 0 for cap in CANDIDATE_CAPS} for w in (0.0, DetectConfig().blob_weight)}
+    n_nodules, peaks = 0, []
+    for uid in cache.series_uids:
+        g = cache.scan(uid)
+        volume = read_series(ROOT / g.attrs["source"])     # sources are recorded relative to where preprocess ran
+        hu = resample(volume.hu, volume.spacing, pre.spacing,
+                      shape=resampled_shape(volume.shape, volume.spacing, pre.spacing))
+        lungs = lung_mask(hu, pre.spacing, threshold=pre.lung_threshold_hu, closing_mm=pre.lung_closing_mm)
+        ref = reference_nodules(cache, uid)
+        nodules = [(c, d) for c, d, r in zip(ref["centroid_resampled"], ref["diameter_mm"], ref["relevant"]) if r]
+        n_nodules += len(nodules)
+        for w in found:
+            cands = candidates(hu, lungs, pre.spacing, DetectConfig(max_candidates=100_000, blob_weight=w))
+            label, which = label_candidates(cands, pre.spacing, nodules)
+            first = [int(np.flatnonzero(which == j)[0]) if (which == j).any() else None for j in range(len(nodules))]
+            for cap in CANDIDATE_CAPS:
+                found[w][cap] += sum(f is not None and f < cap for f in first)
+        peaks.append(len(cands))
+    return {"n_scans": len(cache.series_uids), "n_nodules": n_nodules, "peaks_per_scan": peaks,
+            "sensitivity": {f"blob_weight_{w:g}": {str(cap): found[w][cap] / n_nodules for cap in CANDIDATE_CAPS}
+                            for w in found}}
 
 
 def markdown(results: dict) -> str:
@@ -195,6 +244,13 @@ def markdown(results: dict) -> str:
                 ("micro", "small", "nodule", "mass", "all")) + " |")
         lines.append("| paper A (whole-scan sub-cases) | " + " | ".join(
             f"{PAPER_TABLE4[k]:.3f}" for k in ("micro", "small", "nodule", "mass")) + " | |")
+    c = results["candidates"]
+    lines += ["", f"Candidates alone ({c['n_scans']} test scans, {c['n_nodules']} relevant nodules; peaks per scan "
+              f"{min(c['peaks_per_scan'])}-{max(c['peaks_per_scan'])}): sensitivity within the best N per scan", "",
+              "| ranking | " + " | ".join(f"N = {k}" for k in CANDIDATE_CAPS) + " |",
+              "|---|" + "---|" * len(CANDIDATE_CAPS)]
+    for name, row in c["sensitivity"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[str(k)]:.3f}" for k in CANDIDATE_CAPS) + " |")
     p = results["predict_0001"]
     lines += ["", f"predict on the real LIDC-IDRI-0001: {p['n_nodules']} findings; timings "
               + ", ".join(f"{k} {v:.1f} s" for k, v in p["timings_s"].items()), "",

@@ -150,13 +150,16 @@ class DetectConfig:
     min_response: float = 40.0        # -sigma^2 LoG at the peak, HU
     min_hu: float = -750.0            # lightly smoothed HU at the centre
     nms_mm: float = 2.5               # one peak per this neighbourhood (half-width)
-    max_candidates: int = 1000        # per scan, strongest first
+    max_candidates: int = 1000        # per scan, most blob-like first
+    blob_weight: float = 0.75         # rank = response x (1 - w + w x blobness); 0: by response alone
 
     def __post_init__(self):
         if not self.sigmas_mm or any(s <= 0 for s in self.sigmas_mm):
             raise ValueError(f"sigmas_mm must be positive, got {self.sigmas_mm}")
         if self.max_candidates < 1:
             raise ValueError(f"max_candidates must be >= 1, got {self.max_candidates}")
+        if not 0 <= self.blob_weight <= 1:
+            raise ValueError(f"blob_weight must be in [0, 1], got {self.blob_weight}")
         object.__setattr__(self, "sigmas_mm", tuple(float(s) for s in self.sigmas_mm))
 
 

@@ -96,9 +96,9 @@ def candidates(hu: np.ndarray, lungs: np.ndarray, spacing: Sequence[float], cfg:
     """Blob candidates of a resampled HU volume (z, y, x) inside ``lungs``; most blob-like first.
 
     Peaks of the strongest scale-normalised LoG response over the scales, then
-    ranked by response x (0.25 + 0.75 x :func:`blobness` at the peak's scale),
-    so that vessels (tubes) give way to round structures when there are more
-    than ``max_candidates`` peaks.
+    ranked by response x (1 - w + w x :func:`blobness` at the peak's scale),
+    w = ``cfg.blob_weight``, so that vessels (tubes) give way to round
+    structures when there are more than ``max_candidates`` peaks.
     """
     best = np.full(hu.shape, -np.inf, np.float32)
     scale = np.zeros(hu.shape, np.uint8)
@@ -118,7 +118,7 @@ def candidates(hu: np.ndarray, lungs: np.ndarray, spacing: Sequence[float], cfg:
     for i in range(len(cfg.sigmas_mm)):
         at = which == i
         round_[at] = blobness(smoothed[i], spacing, idx[at])
-    rank = response * (0.25 + 0.75 * round_)
+    rank = response * (1 - cfg.blob_weight + cfg.blob_weight * round_)
     order = np.argsort(-rank, kind="stable")[: cfg.max_candidates]
     idx = idx[order]
     sigmas = np.asarray(cfg.sigmas_mm, np.float32)[which[order]]

@@ -330,8 +330,10 @@ def nodule_png(volume: CTVolume, labels: np.ndarray, nodule: dict, path: Path) -
             ax.contour(m, [0.5], colors="red", linewidths=1)
         ax.set_title(name)
         ax.axis("off")
-    fig.suptitle(f"nodule {nodule['id']}: {nodule['diameter_mm']:.1f} mm ({nodule['size_category']}), "
-                 f"malignancy {nodule.get('malignancy_probability', float('nan')):.2f}")
+    found = f"p(nodule) {nodule['nodule_probability']:.2f}, " if "nodule_probability" in nodule else ""
+    side = f"{nodule['lung_side']} lung, " if "lung_side" in nodule else ""
+    fig.suptitle(f"nodule {nodule['id']}: {nodule['diameter_mm']:.1f} mm ({nodule['size_category']}), {side}"
+                 f"{found}malignancy {nodule.get('malignancy_probability', float('nan')):.2f}")
     fig.tight_layout()
     fig.savefig(path, dpi=70)
     plt.close(fig)

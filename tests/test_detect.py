@@ -1,7 +1,6 @@
 """detect.py: blob candidates, their labels, suppression, finding masks, and the detector end to end on a tiny cache."""
 
 import numpy as np
-import pytest
 import torch
 
 from lungseg import detect, train
@@ -104,3 +103,39 @@ def test_the_detector_trains_sets_its_operating_point_and_predicts(tiny_trained,
     assert p == sorted(p, reverse=True)
     assert all(n["lung_side"] in ("left", "right") for n in pred.nodules)
     assert {"candidates_s", "fp_reduction_s", "segment_s"} <= set(pred.timings)
+
+
+def test_a_segmenter_trains_on_candidate_rois(tiny_trained, tmp_path):
+    from lungseg.configs import make_config
+    from lungseg.datasets import CandidateSegDataset
+
+    c = Cache(tiny_trained["cache"])
+    train_ds = CandidateSegDataset(c, c.series_uids, augment=True)
+    val_ds = CandidateSegDataset(c, c.series_uids, augment=False)
+    labels = train_ds.labels
+    assert set(labels.tolist()) == {0, 1} and len(val_ds) < len(train_ds)     # val reads every 10th negative
+    image, mask = train_ds[int(np.flatnonzero(labels == 1)[0])]
+    assert image.shape == mask.shape and mask.sum() > 0
+    cfg = make_config("seg", "context", widths=(2, 4, 8), epochs=1, max_batches=2, batch_size=2,
+                      split_file=str(tiny_trained["split"]), device="cpu", precision="fp32")
+    assert cfg.patches == "candidate" and cfg.balance
+    summary = train.fit(cfg, tiny_trained["cache"], tmp_path / "seg")
+    assert summary["epochs_run"] == 1
+
+
+def test_train_det_command_prints_its_operating_point(tiny_trained, tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    out = tmp_path / "det"
+    result = CliRunner().invoke(main, ["train-det", "--cache", str(tiny_trained["cache"]), "--out", str(out),
+                                       "--split-file", str(tiny_trained["split"]), "--epochs", "1",
+                                       "--max-batches", "2", "--batch-size", "4", "--width", "2",
+                                       "--device", "cpu", "--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    assert "operating point: p(nodule) >=" in result.output
+    result = CliRunner().invoke(main, ["predict", str(tiny_trained["root"] / "LIDC-IDRI-9001"), "--seg",
+                                       str(tiny_trained["seg"]), "--cls", str(tiny_trained["cls"]), "--det",
+                                       str(out / "last.pt"), "--det-threshold", "2", "--out", str(tmp_path / "p")])
+    assert result.exit_code == 2 and "det-threshold" in result.output
