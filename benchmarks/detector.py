@@ -192,7 +192,8 @@ def candidate_study(cache_path: Path) -> dict:
 
     from lungseg.cache import Cache
     from lungseg.configs import DetectConfig, PreprocessConfig
-    from lungseg.detect import candidates, label_candidates
+    from lungseg import metrics
+    from lungseg.detect import candidates, label_candidates, suppress
     from lungseg.dicomio import read_series
     from lungseg.evaluate import reference_nodules
     from lungseg.preprocess import lung_mask, resample, resampled_shape
@@ -200,7 +201,7 @@ def candidate_study(cache_path: Path) -> dict:
     cache = Cache(cache_path)
     pre = PreprocessConfig.from_dict(cache.config)
     found = {w: {cap: 0 for cap in CANDIDATE_CAPS} for w in (0.0, DetectConfig().blob_weight)}
-    n_nodules, peaks = 0, []
+    n_nodules, peaks, froc_scans = 0, [], []
     for uid in cache.series_uids:
         g = cache.scan(uid)
         volume = read_series(ROOT / g.attrs["source"])     # sources are recorded relative to where preprocess ran
@@ -217,7 +218,22 @@ def candidate_study(cache_path: Path) -> dict:
             for cap in CANDIDATE_CAPS:
                 found[w][cap] += sum(f is not None and f < cap for f in first)
         peaks.append(len(cands))
+        # No false-positive reduction: the default candidates scored by their rank alone, suppressed as the detector's.
+        cands = candidates(hu, lungs, pre.spacing)
+        score = 1.0 / (1.0 + np.arange(len(cands)))
+        keep = suppress(cands.centres * np.asarray(pre.spacing), cands.radius_mm, score)
+        froc_scans.append({"finding_centres_mm": cands.centres[keep] * np.asarray(pre.spacing),
+                           "finding_scores": score[keep], "nodule_centres_mm": ref["centres_mm"],
+                           "nodule_diameters_mm": ref["diameter_mm"], "nodule_relevant": ref["relevant"]})
+    unseen = [not str(cache.scan(u).attrs["patient_id"]).startswith("Lung_Dx-A0002") for u in cache.series_uids]
+    rank_only = {}
+    for name, scans in (("unseen", [f for f, u in zip(froc_scans, unseen) if u]),
+                        ("seen_background", [f for f, u in zip(froc_scans, unseen) if not u])):
+        froc = metrics.froc(scans)
+        rank_only[name] = {"cpm": froc["cpm"], "sensitivity_at_fp_rates": dict(zip(
+            [f"{r:g}" for r in froc["fp_rates"]], froc["sensitivity_at_fp_rates"].tolist()))}
     return {"n_scans": len(cache.series_uids), "n_nodules": n_nodules, "peaks_per_scan": peaks,
+            "rank_only": rank_only,
             "sensitivity": {f"blob_weight_{w:g}": {str(cap): found[w][cap] / n_nodules for cap in CANDIDATE_CAPS}
                             for w in found}}
 
@@ -229,6 +245,10 @@ def markdown(results: dict) -> str:
              "", "| test scans | CPM [95 % CI] | sens. @1 FP/scan | @2 | @4 | found among all findings |",
              "|---|---|---|---|---|---|"]
     for name in ("unseen", "seen_background"):
+        r = results["candidates"]["rank_only"][name]
+        at = r["sensitivity_at_fp_rates"]
+        lines.append(f"| {name}, candidates by rank alone (no false-positive reduction) | {r['cpm']:.3f} | "
+                     f"{at['1']:.3f} | {at['2']:.3f} | {at['4']:.3f} | |")
         f = results[name]["froc"]
         at, c = f["sensitivity_at_fp_rates"], f["counts"]
         lines.append(f"| {name} ({c['n_scans']} scans, {c['n_relevant']} nodules) | {f['cpm']:.3f} "
