@@ -405,17 +405,19 @@ def train_det(cache_path, out, resume, **options):
     """Train the detector's false-positive reduction on the cache's candidates, then set its operating point.
 
     The cache comes from lungseg preprocess (of composites, LIDC scans or twins);
-    each scan's blob candidates are labelled nodule or not. After training, the
-    best model's score threshold at --target-fp-per-scan false positives per
-    scan on the val split is stored in best.pt: lungseg predict's default.
+    each scan's blob candidates are labelled nodule or not. After training, on
+    the val split: p(nodule) is refitted from the network's score and the
+    candidate's rank, LoG response and scale (logistic regression), and the
+    threshold at --target-fp-per-scan false positives per scan is chosen; both
+    are stored in best.pt and are lungseg predict's defaults.
     """
     cfg = _train_config(DetConfig, options)
     _run_training(cfg, cache_path, out, resume)
-    from lungseg.detect import set_operating_point
+    from lungseg.detect import calibrate
 
-    op = set_operating_point(out / "best.pt" if (out / "best.pt").exists() else out / "last.pt", cache_path)
+    op = calibrate(out / "best.pt" if (out / "best.pt").exists() else out / "last.pt", cache_path)
     click.echo(f"operating point: p(nodule) >= {op['threshold']:.3f}, {op['fp_per_scan']:.2f} false positives "
-               f"per scan and sensitivity {op['sensitivity']:.3f} on {op['data']}")
+               f"per scan and sensitivity {op['sensitivity']:.3f} on {op['data']} (CPM {op['cpm']:.3f})")
 
 
 # --------------------------------------------------------------------------

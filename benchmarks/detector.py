@@ -113,7 +113,7 @@ def main() -> None:
         det_run, seg_run, cls_run = runs / "det", runs / "seg-context", runs / "cls-crops"
         train_step(run, det_run, lungseg("train-det", "--cache", cache, "--out", det_run, "--split-file", split),
                    DetConfig.epochs, runs / "det.log")
-        if "operating_point" not in _checkpoint(det_run / "best.pt"):
+        if "rescore" not in _checkpoint(det_run / "best.pt"):
             run(lungseg("train-det", "--cache", cache, "--out", det_run, "--split-file", split, "--resume"),
                 log_file=runs / "det.log")
         train_step(run, seg_run, lungseg("train-seg", "--preset", "context", "--cache", cache, "--out", seg_run,

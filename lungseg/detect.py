@@ -276,23 +276,93 @@ def finding_masks(probs: np.ndarray, starts: np.ndarray, shape: Sequence[int], s
     return labels, kept
 
 
-def scan_findings(model, cache, uid: str, *, device, precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
-    """A cache scan's candidates scored by ``model`` and suppressed: (candidate indices, their p(nodule)), best first."""
+#: What the rescoring reads of each candidate (:func:`candidate_features`).
+RESCORE_FEATURES = ("cnn_logit", "log_rank", "log_response", "log_radius_mm")
+
+
+def candidate_features(p_cnn: np.ndarray, response: np.ndarray, radius_mm: np.ndarray) -> np.ndarray:
+    """(K, 4) features of a scan's K candidates, in candidate order (most blob-like first): see RESCORE_FEATURES."""
+    p = np.clip(np.asarray(p_cnn, np.float64), 1e-6, 1 - 1e-6)
+    k = len(p)
+    return np.stack([np.log(p / (1 - p)), np.log1p(np.arange(k)), np.log(np.maximum(response, 1.0)),
+                     np.log(np.maximum(radius_mm, 0.1))], axis=1).reshape(k, len(RESCORE_FEATURES))
+
+
+@dataclass
+class Rescorer:
+    """p(nodule) from the network's score and the candidate's own evidence: logistic regression on :func:`candidate_features`.
+
+    The network has only seen the backgrounds it trained on; the candidate's
+    rank by blob-likeness, its LoG response and scale are the same on any
+    scanner. Fitted on development data (``lungseg train-det``: the val
+    split), with standardised features and a weak L2 penalty.
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    weights: np.ndarray
+    bias: float
+
+    @classmethod
+    def fit(cls, x: np.ndarray, y: np.ndarray, l2: float = 1.0) -> "Rescorer":
+        from scipy.optimize import minimize
+
+        mean, std = x.mean(axis=0), x.std(axis=0) + 1e-9
+        z = (x - mean) / std
+        y = np.asarray(y, np.float64)
+
+        def loss(w):
+            t = z @ w[:-1] + w[-1]
+            grad_t = (1 / (1 + np.exp(-t)) - y) / len(y)
+            value = np.mean(np.logaddexp(0, t) - y * t) + 0.5 * l2 / len(y) * np.sum(w[:-1] ** 2)
+            grad = np.r_[z.T @ grad_t + l2 / len(y) * w[:-1], grad_t.sum()]
+            return value, grad
+
+        w = minimize(loss, np.zeros(x.shape[1] + 1), jac=True, method="L-BFGS-B").x
+        return cls(mean, std, w[:-1], float(w[-1]))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        t = ((x - self.mean) / self.std) @ self.weights + self.bias
+        return (1 / (1 + np.exp(-t))).astype(np.float32)
+
+    def to_dict(self) -> dict:
+        return {"features": list(RESCORE_FEATURES), "mean": self.mean.tolist(), "std": self.std.tolist(),
+                "weights": self.weights.tolist(), "bias": self.bias}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Rescorer":
+        if tuple(d.get("features", ())) != RESCORE_FEATURES:
+            raise ValueError(f"rescoring features {d.get('features')} are not this lungseg's {RESCORE_FEATURES}")
+        return cls(np.asarray(d["mean"]), np.asarray(d["std"]), np.asarray(d["weights"]), float(d["bias"]))
+
+
+def p_nodule(model, rois: np.ndarray, response: np.ndarray, radius_mm: np.ndarray, rescorer: Rescorer | None, *,
+             device, precision: str = "fp32") -> np.ndarray:
+    """p(nodule) of a scan's candidates (in candidate order): the network's, rescored when a rescorer is given."""
+    p = score_rois(model, rois, device=device, precision=precision)
+    return p if rescorer is None else rescorer(candidate_features(p, response, radius_mm))
+
+
+def scan_findings(model, cache, uid: str, *, device, precision: str = "fp32", rescorer: Rescorer | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """A cache scan's candidates scored and suppressed: (candidate indices, their p(nodule)), best first."""
     from .datasets import _candidates
 
     c = _candidates(cache, uid)
-    scores = score_rois(model, c["image"][:], device=device, precision=precision)
+    scores = p_nodule(model, c["image"][:], c["response"][:], c["radius_mm"][:], rescorer, device=device,
+                      precision=precision)
     keep = suppress(c["centre"][:] * np.asarray(cache.scan(uid).attrs["spacing"], float), c["radius_mm"][:], scores)
     return keep, scores[keep]
 
 
-def cache_findings(model, cache, series_uids, *, device, precision: str = "fp32") -> list[dict]:
+def cache_findings(model, cache, series_uids, *, device, precision: str = "fp32",
+                   rescorer: Rescorer | None = None) -> list[dict]:
     """Per scan of a cache: the detector's findings and the reference nodules, as :func:`lungseg.metrics.froc` reads them."""
     from .evaluate import reference_nodules
 
     scans = []
     for uid in series_uids:
-        keep, scores = scan_findings(model, cache, uid, device=device, precision=precision)
+        keep, scores = scan_findings(model, cache, uid, device=device, precision=precision, rescorer=rescorer)
         spacing = np.asarray(cache.scan(uid).attrs["spacing"], float)
         ref = reference_nodules(cache, uid)
         scans.append({"finding_centres_mm": cache.scan(uid)["candidates/centre"][:][keep] * spacing,
@@ -301,12 +371,14 @@ def cache_findings(model, cache, series_uids, *, device, precision: str = "fp32"
     return scans
 
 
-def set_operating_point(checkpoint, cache_path, split: str = "val") -> dict:
-    """Choose a detector checkpoint's default threshold on a split of its cache and store it in the checkpoint.
+def calibrate(checkpoint, cache_path, split: str = "val") -> dict:
+    """Fit a detector checkpoint's rescoring and choose its operating point on a split of its cache; store both in it.
 
-    The threshold is that of the FROC operating point at the config's
-    ``target_fp_per_scan`` (:func:`lungseg.metrics.froc_operating_threshold`),
-    on the ``split`` scans of the checkpoint's split file.
+    The :class:`Rescorer` is fitted on the ``split`` scans' candidates (those
+    on nodules of fewer readers left out); the operating point is the FROC
+    threshold of the rescored p(nodule) at the config's ``target_fp_per_scan``
+    (:func:`lungseg.metrics.froc_operating_threshold`) on the same scans.
+    Returns the operating point, with the FROC's CPM on that split.
     """
     import torch
 
@@ -314,6 +386,7 @@ def set_operating_point(checkpoint, cache_path, split: str = "val") -> dict:
     from .cache import Cache
     from .checkpoints import load_checkpoint, load_model, save_checkpoint
     from .configs import FROC_MAX_FINDINGS
+    from .datasets import _candidates
     from .errors import TrainingError
     from .splits import read_split, split_scans
 
@@ -321,9 +394,21 @@ def set_operating_point(checkpoint, cache_path, split: str = "val") -> dict:
     cache = Cache(cache_path)
     uids = split_scans(cache, read_split(ckpt["config"]["split_file"]), split)
     if not uids:
-        raise TrainingError(f"{cache_path}: no {split} scans to choose the operating point on")
+        raise TrainingError(f"{cache_path}: no {split} scans to calibrate the detector on")
+    device = torch.device("cpu")
+    xs, ys = [], []
+    for uid in uids:
+        c = _candidates(cache, uid)
+        x = candidate_features(score_rois(model, c["image"][:], device=device), c["response"][:], c["radius_mm"][:])
+        label = c["label"][:]
+        xs.append(x[label >= 0])
+        ys.append(label[label >= 0])
+    y = np.concatenate(ys)
+    if len(set(y.tolist())) < 2:
+        raise TrainingError(f"{cache_path}: the {split} scans' candidates hold one class only; cannot calibrate")
+    rescorer = Rescorer.fit(np.concatenate(xs), y)
     target = float(ckpt["config"]["target_fp_per_scan"])
-    result = metrics.froc(cache_findings(model, cache, uids, device=torch.device("cpu")),
+    result = metrics.froc(cache_findings(model, cache, uids, device=device, rescorer=rescorer),
                           max_findings=FROC_MAX_FINDINGS)
     threshold = metrics.froc_operating_threshold(result, target)
     if not math.isfinite(threshold):
@@ -334,6 +419,7 @@ def set_operating_point(checkpoint, cache_path, split: str = "val") -> dict:
           "sensitivity": float(np.asarray(result["sensitivity"])[at].max(initial=0.0)),
           "cpm": float(result["cpm"]), "data": f"{Path(cache_path).name}, split {split} ({len(uids)} scans)"}
     ckpt = load_checkpoint(checkpoint, kind="det")
+    ckpt["rescore"] = rescorer.to_dict()
     ckpt["operating_point"] = op
     save_checkpoint(checkpoint, ckpt)
     return op

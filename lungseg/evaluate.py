@@ -45,6 +45,7 @@ from .configs import CANDIDATE_THRESHOLD, FROC_MAX_FINDINGS
 from .device import precision_context, resolve_device
 from .errors import LungsegError
 from .lidc import CHARACTERISTICS, malignancy_label
+from .detect import Rescorer
 from .preprocess import crop
 from .splits import DEFAULT_SPLIT_FILE, read_split, split_scans
 
@@ -255,11 +256,12 @@ def _froc_section(scans, meta, seg_rows, *, candidate_threshold: float, max_find
 
 def evaluate_detection(det, seg, cache: Cache, uids, *, device, precision: str = "auto", det_threshold: float,
                        seg_threshold: float = 0.5, max_findings: int = FROC_MAX_FINDINGS, n_bootstrap: int = 1000,
-                       seed: int = 0) -> dict[str, Any]:
+                       seed: int = 0, rescorer=None) -> dict[str, Any]:
     """The detector (``lungseg train-det``) on a scan cache, and the segmenter on what it finds.
 
     ``froc``: the FROC of the detector's findings (its suppressed candidates,
-    scored by p(nodule); :func:`lungseg.detect.scan_findings`), as for a
+    scored by p(nodule), rescored by ``rescorer`` when given;
+    :func:`lungseg.detect.scan_findings`), as for a
     segmenter's findings. With a segmenter (``seg``), Table 4 twice: ``in_context``
     scores, per relevant nodule, the masks ``lungseg predict`` would report
     (findings at ``det_threshold``, :func:`lungseg.detect.finding_masks`)
@@ -275,7 +277,7 @@ def evaluate_detection(det, seg, cache: Cache, uids, *, device, precision: str =
     for uid in uids:
         g = cache.scan(uid)
         spacing = np.asarray(g.attrs["spacing"], float)
-        keep, scores = scan_findings(det, cache, uid, device=device, precision=precision)
+        keep, scores = scan_findings(det, cache, uid, device=device, precision=precision, rescorer=rescorer)
         voxels = g["candidates/centre"][()][keep].reshape(-1, 3)
         ref = reference_nodules(cache, uid)
         froc_scans.append({"finding_centres_mm": voxels * spacing, "finding_scores": scores,
@@ -525,13 +527,14 @@ def evaluate(cache_path: str | os.PathLike, *, seg: str | os.PathLike | None, cl
         raise LungsegError(f"{cache_path}: no scans of split '{split}' in {split_file}")
     dev = resolve_device(device)
     models, described = {}, {}
-    op = None
+    op = rescore = None
     for kind, path in (("seg", seg), ("cls", cls), ("det", det)):
         if path is not None:
             model, ckpt = load_model(path, kind=kind)
             check_input(path, ckpt, cache.config, cache_path)
             models[kind], described[kind] = model.to(dev), describe(path, ckpt)
-            op = ckpt.get("operating_point") if kind == "det" else op
+            if kind == "det":
+                op, rescore = ckpt.get("operating_point"), ckpt.get("rescore")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
@@ -544,7 +547,8 @@ def evaluate(cache_path: str | os.PathLike, *, seg: str | os.PathLike | None, cl
         threshold = det_threshold if det_threshold is not None else (op or {}).get("threshold", 0.5)
         report["detection"] = evaluate_detection(models["det"], models.get("seg"), cache, uids, device=dev,
                                                  precision=precision, det_threshold=threshold,
-                                                 max_findings=max_findings, n_bootstrap=n_bootstrap, seed=seed)
+                                                 max_findings=max_findings, n_bootstrap=n_bootstrap, seed=seed,
+                                                 rescorer=Rescorer.from_dict(rescore) if rescore else None)
         report["detection"]["operating_point"] = op
         plot_froc(report["detection"]["froc"], out / "froc.png", f"{Path(cache_path).name}, split {split}, detector")
     elif seg is not None:

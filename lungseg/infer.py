@@ -38,7 +38,7 @@ from . import __version__
 from .cache import SIZE_CATEGORIES, equivalent_diameter_mm, size_category
 from .checkpoints import check_input, describe, load_model
 from .configs import MODEL_INPUT_FIELDS, DetectConfig, PredictConfig  # noqa: F401  (re-exported)
-from .detect import candidates, finding_masks, score_rois, segment_rois, suppress
+from .detect import Rescorer, candidates, finding_masks, p_nodule, segment_rois, suppress
 from .device import precision_context, resolve_device
 from .dicomio import CTVolume, find_series, read_nifti_volume, read_series, write_nifti
 from .errors import LungsegError
@@ -62,6 +62,7 @@ class Models:
     device: torch.device
     det: torch.nn.Module | None = None             # the detector's false-positive reduction
     operating_point: dict[str, Any] | None = None  # chosen on the detector's development data
+    rescorer: Rescorer | None = None               # p(nodule) from the network's score and the candidate's
 
     @classmethod
     def load(cls, seg_path, cls_path, device: str = "auto", det_path=None) -> "Models":
@@ -81,15 +82,16 @@ class Models:
         config = PreprocessConfig.from_dict({**seg_pre, **({"roi_shape": cls_pre["roi_shape"]}
                                                            if "roi_shape" in cls_pre else {})})
         info = {"seg": describe(seg_path, seg_ckpt), "cls": describe(cls_path, cls_ckpt)}
-        det = op = None
+        det = op = rescorer = None
         if det_path is not None:
             det, det_ckpt = load_model(det_path, kind="det")
             check_input(det_path, det_ckpt, config.to_dict(), f"{seg_path} and {cls_path}",
                         fields=MODEL_INPUT_FIELDS["det"])
             info["det"] = describe(det_path, det_ckpt)
             op = det_ckpt.get("operating_point")
+            rescorer = Rescorer.from_dict(det_ckpt["rescore"]) if det_ckpt.get("rescore") else None
             det = det.to(dev)
-        return cls(seg.to(dev), clf.to(dev), config, info, dev, det, op)
+        return cls(seg.to(dev), clf.to(dev), config, info, dev, det, op, rescorer)
 
 
 def _gaussian_weights(shape) -> np.ndarray:
@@ -188,7 +190,8 @@ def _detect(hu_r: np.ndarray, lungs_r: np.ndarray, image_r: np.ndarray, models: 
     timings["candidates_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    p = score_rois(models.det, rois, device=models.device, precision=cfg.precision)
+    p = p_nodule(models.det, rois, cands.response, cands.radius_mm, models.rescorer, device=models.device,
+                 precision=cfg.precision)
     keep = suppress(cands.centres * np.asarray(pre.spacing), cands.radius_mm, p)
     threshold = cfg.det_threshold if cfg.det_threshold is not None else \
         (models.operating_point or {}).get("threshold", 0.5)

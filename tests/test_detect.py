@@ -69,6 +69,18 @@ def test_finding_masks_take_the_component_nearest_the_centre_and_keep_earlier_vo
     assert (labels == 2).sum() == 3 * 25 - 27
 
 
+def test_rescorer_learns_which_feature_tells_and_round_trips():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 4))
+    y = (x[:, 1] + 0.3 * rng.normal(size=400) < 0).astype(int)      # a low rank (feature 1) means nodule
+    r = detect.Rescorer.fit(x, y)
+    assert r.weights[1] < -1 and np.abs(r.weights[[0, 2, 3]]).max() < 0.5 * abs(r.weights[1])
+    again = detect.Rescorer.from_dict(r.to_dict())
+    assert np.allclose(again(x), r(x)) and ((r(x) > 0.5) == y).mean() > 0.85
+    f = detect.candidate_features(np.array([0.5, 0.9]), np.array([100.0, 50.0]), np.array([3.0, 6.0]))
+    assert f.shape == (2, 4) and f[0, 0] == 0 and f[1, 1] == np.log(2)
+
+
 def test_candidate_net_gives_two_logits():
     net = detect.candidate_net(width=4)
     assert net(torch.zeros(3, 1, 16, 48, 48)).shape == (3, 2)
@@ -86,9 +98,10 @@ def test_the_detector_trains_sets_its_operating_point_and_predicts(tiny_trained,
                     device="cpu", precision="fp32")
     summary = train.fit(cfg, tiny_trained["cache"], tmp_path / "det")
     ckpt_path = tmp_path / "det" / (("best.pt") if summary["best"] else "last.pt")
-    op = detect.set_operating_point(ckpt_path, tiny_trained["cache"])
+    op = detect.calibrate(ckpt_path, tiny_trained["cache"])
     assert 0 <= op["threshold"] <= 1 and op["target_fp_per_scan"] == 1.0
-    assert checkpoints.load_checkpoint(ckpt_path)["operating_point"] == op
+    saved = checkpoints.load_checkpoint(ckpt_path)
+    assert saved["operating_point"] == op and saved["rescore"]["features"] == list(detect.RESCORE_FEATURES)
 
     report = evaluate.evaluate(tiny_trained["cache"], seg=tiny_trained["seg"], cls=None, det=ckpt_path,
                                out=tmp_path / "eval", split="all", n_bootstrap=10)
