@@ -300,8 +300,8 @@ def _common_train_options(Config):
         click.option("--compile", "compile_", is_flag=True, help="torch.compile the network."),
         click.option("--workers", type=click.IntRange(min=0), default=Config.workers, show_default=True,
                      help="DataLoader worker processes."),
-        click.option("--max-batches", type=click.IntRange(min=0), default=Config.max_batches, show_default=True,
-                     help="Batches per epoch (0: all)."),
+        click.option("--max-batches", type=click.IntRange(min=0), default=None,
+                     help=f"Batches per epoch, 0: all [default: the preset's, else {Config.max_batches}]."),
         click.option("--resume", is_flag=True, help="Continue the run in --out from last.pt."),
     ]
     def decorate(f):

@@ -111,3 +111,12 @@ def test_training_defaults_come_from_the_configs():
     assert "resunet3d|unet3d" in seg.replace("\n", "").replace(" ", "")
     cls = runner.invoke(main, ["train-cls", "--help"]).output
     assert f"paper A's {ClsConfig.epochs}" in cls and "resnet3d50_plain" in cls
+
+
+def test_a_preset_sets_what_the_command_line_leaves_unset():
+    from lungseg.configs import PRESETS, SegConfig
+
+    unset = {"preset": "context", "compile_": False, "lr_milestones": None, "max_batches": None, "epochs": None}
+    cfg = cli._train_config(SegConfig, unset)
+    assert cfg.max_batches == PRESETS["seg"]["context"]["max_batches"] and cfg.patches == "candidate"
+    assert cli._train_config(SegConfig, {**unset, "max_batches": 0, "epochs": 3}).max_batches == 0
