@@ -160,6 +160,10 @@ def report(run: Runner, out: Path, data: Path, test_out: Path, fold_split: Path)
     if not study.exists():
         study.write_text(json.dumps(candidate_study(cache), indent=2))
     results["candidates"] = json.loads(study.read_text())
+    study = out / "rescoring_study.json"
+    if not study.exists():
+        study.write_text(json.dumps(rescoring_study(det, out / "train.h5", out / "split.csv", cache, split), indent=2))
+    results["rescoring"] = json.loads(study.read_text())
     for name, part in (("unseen", "test"), ("seen_background", "val")):
         folder = out / f"evaluate-{name}"
         if not (folder / "evaluation.json").exists():
@@ -238,6 +242,55 @@ def candidate_study(cache_path: Path) -> dict:
                             for w in found}}
 
 
+#: Feature sets the rescoring study compares (columns of lungseg.detect.RESCORE_FEATURES).
+RESCORE_STUDY = {"network alone": [0], "rank alone": [1], "network + rank": [0, 1],
+                 "network + response + scale": [0, 2, 3], "network + rank + response + scale (lungseg)": [0, 1, 2, 3]}
+
+
+def rescoring_study(det: Path, train_cache: Path, train_split: Path, test_cache: Path, test_split: Path) -> dict:
+    """CPM of p(nodule) from subsets of the rescoring features, each fitted on the val split, on val and the test sets."""
+    import numpy as np
+    import torch
+
+    from lungseg import metrics
+    from lungseg.cache import Cache
+    from lungseg.checkpoints import load_model
+    from lungseg.detect import Rescorer, candidate_features, score_rois, suppress
+    from lungseg.evaluate import reference_nodules
+    from lungseg.splits import read_split, split_scans
+
+    model, _ = load_model(det, kind="det")
+
+    def scans(cache_path, split_file, split):
+        cache, out = Cache(cache_path), []
+        for uid in split_scans(cache, read_split(split_file), split):
+            c, spacing = cache.scan(uid)["candidates"], np.asarray(cache.scan(uid).attrs["spacing"], float)
+            p = score_rois(model, c["image"][()], device=torch.device("cpu"))
+            out.append({"x": candidate_features(p, c["response"][()], c["radius_mm"][()]), "label": c["label"][()],
+                        "centres": c["centre"][()] * spacing, "radius": c["radius_mm"][()],
+                        "ref": reference_nodules(cache, uid)})
+        return out
+
+    sets = {"val": scans(train_cache, train_split, "val"), "unseen": scans(test_cache, test_split, "test"),
+            "seen_background": scans(test_cache, test_split, "val")}
+    x = np.concatenate([s["x"] for s in sets["val"]])
+    y = np.concatenate([s["label"] for s in sets["val"]])
+    out = {}
+    for name, cols in RESCORE_STUDY.items():
+        r = Rescorer.fit(x[y >= 0][:, cols], y[y >= 0])
+        out[name] = {}
+        for part, items in sets.items():
+            froc = []
+            for s in items:
+                score = r(s["x"][:, cols])
+                keep = suppress(s["centres"], s["radius"], score)
+                froc.append({"finding_centres_mm": s["centres"][keep], "finding_scores": score[keep],
+                             "nodule_centres_mm": s["ref"]["centres_mm"], "nodule_diameters_mm": s["ref"]["diameter_mm"],
+                             "nodule_relevant": s["ref"]["relevant"]})
+            out[name][part] = metrics.froc(froc)["cpm"]
+    return out
+
+
 def markdown(results: dict) -> str:
     op = results.get("operating_point") or {}
     lines = [f"Operating point: p(nodule) >= {op.get('threshold', float('nan')):.3f}, chosen on {op.get('data')}: "
@@ -264,6 +317,10 @@ def markdown(results: dict) -> str:
                 ("micro", "small", "nodule", "mass", "all")) + " |")
         lines.append("| paper A (whole-scan sub-cases) | " + " | ".join(
             f"{PAPER_TABLE4[k]:.3f}" for k in ("micro", "small", "nodule", "mass")) + " | |")
+    lines += ["", "p(nodule) from which evidence (each a logistic regression fitted on the val split): CPM", "",
+              "| features | val (2 twins, 6 composites) | unseen | seen background |", "|---|---|---|---|"]
+    for name, row in results["rescoring"].items():
+        lines.append(f"| {name} | {row['val']:.3f} | {row['unseen']:.3f} | {row['seen_background']:.3f} |")
     c = results["candidates"]
     lines += ["", f"Candidates alone ({c['n_scans']} test scans, {c['n_nodules']} relevant nodules; peaks per scan "
               f"{min(c['peaks_per_scan'])}-{max(c['peaks_per_scan'])}): sensitivity within the best N per scan", "",
