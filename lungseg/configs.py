@@ -44,8 +44,8 @@ ARCHS: dict[str, dict[str, str]] = {
 }
 SEG_ARCHS = tuple(ARCHS["seg"])
 #: What a segmenter trains on: paper A's sub-cases, or the ROIs of the detector's
-#: candidates (nodules in their real surroundings, and the vessels, airways and
-#: chest wall that look like them; :class:`lungseg.datasets.CandidateSegDataset`).
+#: candidates on nodules (nodules in their real surroundings, centred where the
+#: detector finds them; :class:`lungseg.datasets.CandidateSegDataset`).
 SEG_PATCHES = ("subcase", "candidate")
 CLS_ARCHS = tuple(ARCHS["cls"])
 #: FROC findings (``lungseg evaluate``): probability map voxels at or above
@@ -249,7 +249,6 @@ class SegConfig(TrainConfig):
     switch_epoch: int = 3
     threshold: float = 0.5
     patches: str = "subcase"                         # or "candidate" (SEG_PATCHES)
-    balance: bool = False                            # candidate patches: nodules and others equally often
 
     def __post_init__(self):
         super().__post_init__()
@@ -328,9 +327,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "det": {"paper": {}},
 }
 #: The segmenter of ``lungseg predict`` with the detector: the cpu preset's Res U-Net
-#: on candidate ROIs (nodules in real surroundings), for ``train-seg --preset context``.
-PRESETS["seg"]["context"] = {**PRESETS["seg"]["cpu"], "patches": "candidate", "balance": True, "epochs": 10,
-                             "batch_size": 8, "max_batches": 300, "lr_milestones": (7,), "switch_epoch": 2}
+#: on candidate ROIs (nodules in real surroundings), for ``train-seg --preset context``;
+#: about 1,100 ROIs per epoch for the detector benchmark's training cache.
+PRESETS["seg"]["context"] = {**PRESETS["seg"]["cpu"], "patches": "candidate", "epochs": 12, "batch_size": 8,
+                             "lr_milestones": (9,), "switch_epoch": 3}
 
 
 def make_config(kind: str, preset: str = "paper", **options: Any) -> TrainConfig:

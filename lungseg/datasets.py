@@ -143,24 +143,18 @@ class CandidateDataset(_CacheDataset):
 
 
 class CandidateSegDataset(CandidateDataset):
-    """(image, mask) pairs of the same ROIs for a segmenter that sees nodules in their real surroundings.
+    """(image, mask) pairs for a segmenter that sees nodules in their real surroundings.
 
-    The mask is that of every relevant nodule in the ROI (of the nodule alone
-    in a nodule's own ROI; empty for most candidates: the segmenter learns to
-    leave vessels and walls out). Without augmentation (validation) only every
-    ``VAL_NEGATIVE_STRIDE``-th candidate off the nodules is read, so that
-    validating a segmenter costs about as much as an epoch of training.
+    The ROIs of the candidates on relevant nodules (centred where the detector
+    puts them, not on the nodule) and each nodule's own ROI; the mask is that
+    of every relevant nodule in the ROI (of the nodule alone in its own ROI).
+    Candidates off the nodules are left out: rejecting them is the
+    detector's job, and with empty masks in half the batches the Dice loss
+    teaches a segmenter to mark nothing.
     """
 
-    VAL_NEGATIVE_STRIDE = 10
-
     def _index(self):
-        items = super()._index()
-        if self.augment:
-            return items
-        negatives = [i for i, item in enumerate(items) if item[-1] == 0][::self.VAL_NEGATIVE_STRIDE]
-        keep = set(negatives) | {i for i, item in enumerate(items) if item[-1] == 1}
-        return [item for i, item in enumerate(items) if i in keep]
+        return [item for item in super()._index() if item[-1] == 1]
 
     def __getitem__(self, key):
         index, epoch = self._unpack(key)
