@@ -329,8 +329,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 #: The segmenter of ``lungseg predict`` with the detector: the cpu preset's Res U-Net
 #: on candidate ROIs (nodules in real surroundings), for ``train-seg --preset context``;
 #: about 1,100 ROIs per epoch for the detector benchmark's training cache.
-PRESETS["seg"]["context"] = {**PRESETS["seg"]["cpu"], "patches": "candidate", "epochs": 12, "batch_size": 8,
-                             "lr_milestones": (9,), "switch_epoch": 3}
+PRESETS["seg"]["context"] = {**PRESETS["seg"]["cpu"], "patches": "candidate", "epochs": 40, "batch_size": 8,
+                             "lr_milestones": (30,), "switch_epoch": 3}
 
 
 def make_config(kind: str, preset: str = "paper", **options: Any) -> TrainConfig:
