@@ -164,11 +164,11 @@ def report(run: Runner, out: Path, data: Path, test_out: Path, fold_split: Path)
     if not study.exists():
         study.write_text(json.dumps(rescoring_study(det, out / "train.h5", out / "split.csv", cache, split), indent=2))
     results["rescoring"] = json.loads(study.read_text())
-    for name, part in (("unseen", "test"), ("seen_background", "val")):
+    for name, part in (("unseen", "test"), ("seen_background", "val"), ("all", "all")):
         folder = out / f"evaluate-{name}"
         if not (folder / "evaluation.json").exists():
-            run(lungseg("evaluate", "--cache", cache, "--split", part, "--split-file", split, "--det", det,
-                        "--seg", seg, "--out", folder))
+            run(lungseg("evaluate", "--cache", cache, "--split", part, *(["--split-file", split] if part != "all" else []),
+                        "--det", det, "--seg", seg, "--out", folder))
         results[name] = json.loads((folder / "evaluation.json").read_text())["detection"]
     pred = out / "predict-0001"
     if not any(pred.glob("*/nodules.json")):
@@ -297,8 +297,15 @@ def markdown(results: dict) -> str:
              f"{op.get('fp_per_scan', float('nan')):.2f} FP/scan, sensitivity {op.get('sensitivity', float('nan')):.3f}",
              "", "| test scans | CPM [95 % CI] | sens. @1 FP/scan | @2 | @4 | found among all findings |",
              "|---|---|---|---|---|---|"]
-    for name in ("unseen", "seen_background"):
-        r = results["candidates"]["rank_only"][name]
+    for name in ("unseen", "seen_background", "all"):
+        r = results["candidates"]["rank_only"].get(name)
+        if r is None:
+            f = results[name]["froc"]
+            at, c = f["sensitivity_at_fp_rates"], f["counts"]
+            lines.append(f"| all ({c['n_scans']} scans, {c['n_relevant']} nodules) | {f['cpm']:.3f} "
+                         f"[{f['cpm_ci95'][0]:.3f}, {f['cpm_ci95'][1]:.3f}] | {at['1']:.3f} | {at['2']:.3f} "
+                         f"| {at['4']:.3f} | {c['n_hit']}/{c['n_relevant']} |")
+            continue
         at = r["sensitivity_at_fp_rates"]
         lines.append(f"| {name}, candidates by rank alone (no false-positive reduction) | {r['cpm']:.3f} | "
                      f"{at['1']:.3f} | {at['2']:.3f} | {at['4']:.3f} | |")
@@ -310,7 +317,7 @@ def markdown(results: dict) -> str:
     for table in ("in_context", "nodule_centred"):
         lines += ["", f"Table 4 ({table}), Dice by size category (n):", "",
                   "| test scans | micro | small | nodule | mass | all |", "|---|---|---|---|---|---|"]
-        for name in ("unseen", "seen_background"):
+        for name in ("unseen", "seen_background", "all"):
             rows = results[name][table]["per_size_category"]
             lines.append(f"| {name} | " + " | ".join(
                 f"{rows[k]['dice']:.3f} ({rows[k]['n']})" if rows[k]["n"] else "-" for k in
