@@ -328,7 +328,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 #: The segmenter of ``lungseg predict`` with the detector: the cpu preset's Res U-Net
 #: on candidate ROIs (nodules in real surroundings), for ``train-seg --preset context``;
-#: about 1,100 ROIs per epoch for the detector benchmark's training cache.
+#: 631 ROIs per epoch on the detector benchmark's training cache.
 PRESETS["seg"]["context"] = {**PRESETS["seg"]["cpu"], "patches": "candidate", "epochs": 40, "batch_size": 8,
                              "lr_milestones": (30,), "switch_epoch": 3}
 
