@@ -41,6 +41,7 @@ import json
 import sys
 from pathlib import Path
 
+from detection import BACKGROUNDS as TEST_BACKGROUNDS
 from lungseg.splits import MANIFESTS_DIR, fold_files
 from real_nodules import ROOT, Runner, epochs_done, lungseg
 
@@ -50,7 +51,6 @@ TWIN_STRIDE, TWIN_OFFSET, N_TWINS = 29, 2, 12
 VAL_TWINS = 2
 SEED = 1
 A0002 = "ct/Lung_Dx-A0002"
-TEST_BACKGROUNDS = ["lidc/LIDC-IDRI-0001", "ct/Lung_Dx-A0002", "ct/MIDRC-RICORD-1A-419639-000082"]
 #: Paper A's Table 4 (Dice of the 3D Res U-Net on whole-scan sub-cases, by size category).
 PAPER_TABLE4 = {"micro": 0.466, "small": 0.652, "nodule": 0.805, "mass": 0.910}
 
