@@ -114,9 +114,12 @@ def test_training_defaults_come_from_the_configs():
 
 
 def test_a_preset_sets_what_the_command_line_leaves_unset():
-    from lungseg.configs import PRESETS, SegConfig
+    from lungseg.configs import PRESETS, DetConfig, SegConfig
 
     unset = {"preset": "context", "compile_": False, "lr_milestones": None, "max_batches": None, "epochs": None}
     cfg = cli._train_config(SegConfig, unset)
-    assert cfg.max_batches == PRESETS["seg"]["context"]["max_batches"] and cfg.patches == "candidate"
-    assert cli._train_config(SegConfig, {**unset, "max_batches": 0, "epochs": 3}).max_batches == 0
+    assert cfg.epochs == PRESETS["seg"]["context"]["epochs"] and cfg.patches == "candidate"
+    assert cli._train_config(SegConfig, {**unset, "epochs": 3}).epochs == 3
+    det = {**unset, "preset": "paper"}
+    assert cli._train_config(DetConfig, det).max_batches == DetConfig.max_batches > 0
+    assert cli._train_config(DetConfig, {**det, "max_batches": 0}).max_batches == 0
