@@ -284,7 +284,7 @@ class ClsConfig(TrainConfig):
 
 @dataclass(frozen=True)
 class DetConfig(TrainConfig):
-    """The detector's false-positive reduction (:class:`lungseg.detect.CandidateNet`); not in paper A."""
+    """The detector's false-positive reduction (:func:`lungseg.detect.candidate_net`); not in paper A."""
 
     kind: ClassVar[str] = "det"
     epochs: int = 12
