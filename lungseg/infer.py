@@ -14,6 +14,11 @@ The pipeline of paper A, Fig. 1, on one CT series:
    mask as NIfTI on the original grid (they overlay the source in viewers), one
    PNG per nodule, versions, checkpoint hashes and timings.
 
+With a detector checkpoint (``--det``, :mod:`lungseg.detect`) steps 2-3 are
+the detector's instead: blob candidates in the lungs, p(nodule) of each, its
+operating point, and the segmenter on each finding's ROI; findings are
+numbered by p(nodule), which they report with their lung side.
+
 A report folder is complete only when ``nodules.json`` exists; it is written
 last, after everything else, so a rerun redoes any series left half done.
 """
