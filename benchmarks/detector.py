@@ -297,6 +297,14 @@ def rescoring_study(det: Path, train_cache: Path, train_split: Path, test_cache:
     return out
 
 
+def _froc_row(name: str, f: dict) -> str:
+    at, ci, c = f["sensitivity_at_fp_rates"], f["sensitivity_ci95"], f["counts"]
+    return (f"| {name} ({c['n_scans']} scans, {c['n_relevant']} nodules) | {f['cpm']:.3f} "
+            f"[{f['cpm_ci95'][0]:.3f}, {f['cpm_ci95'][1]:.3f}] | "
+            + " | ".join(f"{at[k]:.3f} [{ci[k][0]:.3f}, {ci[k][1]:.3f}]" for k in ("1", "2", "4"))
+            + f" | {c['n_hit']}/{c['n_relevant']} |")
+
+
 def markdown(results: dict) -> str:
     op = results.get("operating_point") or {}
     lines = [f"Operating point: p(nodule) >= {op.get('threshold', float('nan')):.3f}, chosen on {op.get('data')}: "
@@ -306,20 +314,12 @@ def markdown(results: dict) -> str:
     for name in ("unseen", "seen_background", "all"):
         r = results["candidates"]["rank_only"].get(name)
         if r is None:
-            f = results[name]["froc"]
-            at, c = f["sensitivity_at_fp_rates"], f["counts"]
-            lines.append(f"| all ({c['n_scans']} scans, {c['n_relevant']} nodules) | {f['cpm']:.3f} "
-                         f"[{f['cpm_ci95'][0]:.3f}, {f['cpm_ci95'][1]:.3f}] | {at['1']:.3f} | {at['2']:.3f} "
-                         f"| {at['4']:.3f} | {c['n_hit']}/{c['n_relevant']} |")
+            lines.append(_froc_row(name, results[name]["froc"]))
             continue
         at = r["sensitivity_at_fp_rates"]
         lines.append(f"| {name}, candidates by rank alone (no false-positive reduction) | {r['cpm']:.3f} | "
                      f"{at['1']:.3f} | {at['2']:.3f} | {at['4']:.3f} | |")
-        f = results[name]["froc"]
-        at, c = f["sensitivity_at_fp_rates"], f["counts"]
-        lines.append(f"| {name} ({c['n_scans']} scans, {c['n_relevant']} nodules) | {f['cpm']:.3f} "
-                     f"[{f['cpm_ci95'][0]:.3f}, {f['cpm_ci95'][1]:.3f}] | {at['1']:.3f} | {at['2']:.3f} "
-                     f"| {at['4']:.3f} | {c['n_hit']}/{c['n_relevant']} |")
+        lines.append(_froc_row(name, results[name]["froc"]))
     for table in ("in_context", "nodule_centred"):
         lines += ["", f"Table 4 ({table}), Dice by size category (n):", "",
                   "| test scans | micro | small | nodule | mass | all |", "|---|---|---|---|---|---|"]

@@ -237,6 +237,8 @@ def _froc_section(scans, meta, seg_rows, *, candidate_threshold: float, max_find
         "protocol": "LUNA16 (Setio et al., Medical Image Analysis 42:1-13, 2017); sensitivity at an FP rate: "
                     "best operating point at or below it (step reading)",
         "cpm": result["cpm"], "cpm_ci95": [ci.low, ci.high], "n_bootstrap": ci.n_resamples,
+        "sensitivity_ci95": {_rate_key(r): [b.low, b.high] for r in result["fp_rates"]
+                             for b in [metrics.cpm_bootstrap_ci(result, n_resamples=n_bootstrap, seed=seed, fp_rate=r)]},
         "n_bootstrap_valid": ci.n_valid,
         "sensitivity_at_fp_rates": {_rate_key(r): float(s) for r, s in zip(result["fp_rates"],
                                                                            result["sensitivity_at_fp_rates"])},
@@ -472,8 +474,10 @@ def markdown(report: dict[str, Any]) -> str:
     if det:
         f = det["froc"]
         c, (lo, hi), at = f["counts"], f["cpm_ci95"], f["sensitivity_at_fp_rates"]
+        sci = f.get("sensitivity_ci95", {})
         lines += [f"Detector FROC (LUNA16): CPM {f['cpm']:.3f} [{lo:.3f}, {hi:.3f}]; sensitivity "
-                  + ", ".join(f"{at[k]:.3f} at {k}" for k in ("1", "2", "4")) + " FP/scan; "
+                  + ", ".join(f"{at[k]:.3f}" + (f" [{sci[k][0]:.3f}, {sci[k][1]:.3f}]" if k in sci else "")
+                              + f" at {k}" for k in ("1", "2", "4")) + " FP/scan; "
                   f"{c['n_hit']}/{c['n_relevant']} relevant nodules among all findings, {c['n_false_positive']} "
                   f"false positives over {c['n_scans']} scans"]
         for name, title in (("in_context", f"Table 4, masks of the findings at p(nodule) >= "

@@ -591,8 +591,11 @@ def froc_operating_threshold(result: Mapping[str, Any], fp_rate: float) -> float
 
 
 def cpm_bootstrap_ci(result: Mapping[str, Any], *, n_resamples: int = 1000, confidence: float = 0.95,
-                     seed: int = 0) -> BootstrapCI:
+                     seed: int = 0, fp_rate: float | None = None) -> BootstrapCI:
     """Percentile bootstrap interval of the CPM of a :func:`froc` result, resampling scans.
+
+    With ``fp_rate``: of the sensitivity at that many false positives per
+    scan instead (read as :func:`froc` reads it).
 
     Each resample draws scans with replacement (a scan drawn twice counts
     twice: its nodules and false positives, and in the number of scans), with
@@ -600,7 +603,7 @@ def cpm_bootstrap_ci(result: Mapping[str, Any], *, n_resamples: int = 1000, conf
     :func:`bootstrap_ci`. Resamples without relevant nodules are dropped.
     """
     scans = result["scans"]
-    rates = np.asarray(result["fp_rates"], dtype=float)
+    rates = np.asarray(result["fp_rates"] if fp_rate is None else [fp_rate], dtype=float)
     hits = [m["nodule_scores"][m["relevant"]] for m in scans]
     fps = [m["fp_scores"] for m in scans]
 

@@ -353,3 +353,15 @@ def test_cpm_bootstrap_resamples_scans_and_is_seeded():
 def test_froc_ill_formed_input_raises(scans, kwargs):
     with pytest.raises(ValueError):
         m.froc(scans, **kwargs)
+
+
+def test_the_sensitivity_at_one_rate_has_its_own_interval():
+    scans = [{"finding_centres_mm": [[0.0, 0, 0], [50, 50, 50]], "finding_scores": [0.9, 0.8],
+              "nodule_centres_mm": [[0.0, 0, 0]], "nodule_diameters_mm": [6.0], "nodule_relevant": [True]},
+             {"finding_centres_mm": [[9.0, 9, 9]], "finding_scores": [0.95],
+              "nodule_centres_mm": [[30.0, 30, 30]], "nodule_diameters_mm": [6.0], "nodule_relevant": [True]}]
+    r = m.froc(scans)
+    one = m.cpm_bootstrap_ci(r, n_resamples=200, seed=1, fp_rate=1.0)
+    assert one.estimate == pytest.approx(r["sensitivity_at_fp_rates"][list(r["fp_rates"]).index(1.0)])
+    assert 0.0 <= one.low <= one.estimate <= one.high <= 1.0 and one.high > one.low
+    assert m.cpm_bootstrap_ci(r, n_resamples=200, seed=1) != one       # the CPM's interval is another
