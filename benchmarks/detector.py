@@ -195,7 +195,7 @@ def candidate_study(cache_path: Path) -> dict:
     """Sensitivity of the candidate stage alone on the test scans, ranked by LoG response or by response x blobness.
 
     Each scan is read from its source and preprocessed as ``lungseg predict``
-    does (no nodule mask helps the lung mask); a nodule is found at a cap when
+    does (:func:`lungseg.infer.model_grid`); a nodule is found at a cap when
     one of the best ``cap`` candidates lies within its radius.
     """
     import numpy as np
@@ -206,7 +206,7 @@ def candidate_study(cache_path: Path) -> dict:
     from lungseg.detect import candidates, label_candidates, suppress
     from lungseg.dicomio import read_series
     from lungseg.evaluate import reference_nodules
-    from lungseg.preprocess import lung_mask, resample, resampled_shape
+    from lungseg.infer import model_grid
 
     cache = Cache(cache_path)
     pre = PreprocessConfig.from_dict(cache.config)
@@ -215,9 +215,7 @@ def candidate_study(cache_path: Path) -> dict:
     for uid in cache.series_uids:
         g = cache.scan(uid)
         volume = read_series(ROOT / g.attrs["source"])     # sources are recorded relative to where preprocess ran
-        hu = resample(volume.hu, volume.spacing, pre.spacing,
-                      shape=resampled_shape(volume.shape, volume.spacing, pre.spacing))
-        lungs = lung_mask(hu, pre.spacing, threshold=pre.lung_threshold_hu, closing_mm=pre.lung_closing_mm)
+        hu, lungs = model_grid(volume, pre)
         ref = reference_nodules(cache, uid)
         nodules = [(c, d) for c, d, r in zip(ref["centroid_resampled"], ref["diameter_mm"], ref["relevant"]) if r]
         n_nodules += len(nodules)

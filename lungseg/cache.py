@@ -275,6 +275,14 @@ class Cache:
         except KeyError:
             raise CacheError(f"{self.path}: no scan {series_uid}") from None
 
+    def candidates(self, series_uid: str) -> h5py.Group:
+        """A scan's detector candidates (``candidates/*``); a clear error for caches written before the detector."""
+        g = self.scan(series_uid)
+        if "candidates" not in g:
+            raise CacheError(f"{self.path}: scan {series_uid} has no detector candidates (lungseg preprocess "
+                             "writes them since the detector came); preprocess the scans again into a new cache")
+        return g["candidates"]
+
     def nodule_table(self, series_uid: str) -> dict[str, np.ndarray]:
         g = self.scan(series_uid)
         return {k: g["nodules"][k][()] for k in g["nodules"].keys()} if "nodules" in g else {}

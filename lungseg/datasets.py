@@ -103,16 +103,6 @@ class RoiDataset(_CacheDataset):
         return torch.from_numpy(image)[None], torch.tensor(label, dtype=torch.long)
 
 
-def _candidates(cache: Cache, uid: str):
-    """The ``candidates`` group of a scan (h5py), or a clear error for caches written before the detector."""
-    g = cache.scan(uid)
-    if "candidates" not in g:
-        from .errors import CacheError
-        raise CacheError(f"{cache.path}: scan {uid} has no detector candidates (written by lungseg preprocess "
-                         "since the detector came; preprocess the scans again into a new cache)")
-    return g["candidates"]
-
-
 class CandidateDataset(_CacheDataset):
     """(image, label) pairs for the detector's false-positive reduction: 1 x 16 x 48 x 48 ROIs, 1 nodule / 0 not.
 
@@ -124,7 +114,7 @@ class CandidateDataset(_CacheDataset):
     def _index(self):
         items = []
         for uid in self.series_uids:
-            labels = _candidates(self.cache, uid)["label"][:]
+            labels = self.cache.candidates(uid)["label"][:]
             items.extend(("candidates", uid, i, int(lab)) for i, lab in enumerate(labels) if lab >= 0)
             items.extend(("rois", uid, i, 1) for i in range(self.cache.scan(uid)["rois/image"].shape[0]))
         return items

@@ -346,9 +346,7 @@ def p_nodule(model, rois: np.ndarray, response: np.ndarray, radius_mm: np.ndarra
 def scan_findings(model, cache, uid: str, *, device, precision: str = "fp32", rescorer: Rescorer | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
     """A cache scan's candidates scored and suppressed: (candidate indices, their p(nodule)), best first."""
-    from .datasets import _candidates
-
-    c = _candidates(cache, uid)
+    c = cache.candidates(uid)
     scores = p_nodule(model, c["image"][:], c["response"][:], c["radius_mm"][:], rescorer, device=device,
                       precision=precision)
     keep = suppress(c["centre"][:] * np.asarray(cache.scan(uid).attrs["spacing"], float), c["radius_mm"][:], scores)
@@ -357,17 +355,23 @@ def scan_findings(model, cache, uid: str, *, device, precision: str = "fp32", re
 
 def cache_findings(model, cache, series_uids, *, device, precision: str = "fp32",
                    rescorer: Rescorer | None = None) -> list[dict]:
-    """Per scan of a cache: the detector's findings and the reference nodules, as :func:`lungseg.metrics.froc` reads them."""
+    """Per scan of a cache: the detector's findings and the reference nodules.
+
+    Each item holds ``froc`` (the scan as :func:`lungseg.metrics.froc` reads
+    it), ``keep`` (the findings' candidate indices, best first) and
+    ``centres`` (their voxel indices on the model grid).
+    """
     from .evaluate import reference_nodules
 
     scans = []
     for uid in series_uids:
         keep, scores = scan_findings(model, cache, uid, device=device, precision=precision, rescorer=rescorer)
-        spacing = np.asarray(cache.scan(uid).attrs["spacing"], float)
+        voxels = cache.candidates(uid)["centre"][:][keep].reshape(-1, 3)
         ref = reference_nodules(cache, uid)
-        scans.append({"finding_centres_mm": cache.scan(uid)["candidates/centre"][:][keep] * spacing,
-                      "finding_scores": scores, "nodule_centres_mm": ref["centres_mm"],
-                      "nodule_diameters_mm": ref["diameter_mm"], "nodule_relevant": ref["relevant"]})
+        froc = {"finding_centres_mm": voxels * np.asarray(cache.scan(uid).attrs["spacing"], float),
+                "finding_scores": scores, "nodule_centres_mm": ref["centres_mm"],
+                "nodule_diameters_mm": ref["diameter_mm"], "nodule_relevant": ref["relevant"]}
+        scans.append({"uid": uid, "froc": froc, "keep": keep, "centres": voxels, "ref": ref})
     return scans
 
 
@@ -386,7 +390,6 @@ def calibrate(checkpoint, cache_path, split: str = "val") -> dict:
     from .cache import Cache
     from .checkpoints import load_checkpoint, load_model, save_checkpoint
     from .configs import FROC_MAX_FINDINGS
-    from .datasets import _candidates
     from .errors import TrainingError
     from .splits import read_split, split_scans
 
@@ -398,7 +401,7 @@ def calibrate(checkpoint, cache_path, split: str = "val") -> dict:
     device = torch.device("cpu")
     xs, ys = [], []
     for uid in uids:
-        c = _candidates(cache, uid)
+        c = cache.candidates(uid)
         x = candidate_features(score_rois(model, c["image"][:], device=device), c["response"][:], c["radius_mm"][:])
         label = c["label"][:]
         xs.append(x[label >= 0])
@@ -408,7 +411,7 @@ def calibrate(checkpoint, cache_path, split: str = "val") -> dict:
         raise TrainingError(f"{cache_path}: the {split} scans' candidates hold one class only; cannot calibrate")
     rescorer = Rescorer.fit(np.concatenate(xs), y)
     target = float(ckpt["config"]["target_fp_per_scan"])
-    result = metrics.froc(cache_findings(model, cache, uids, device=device, rescorer=rescorer),
+    result = metrics.froc([f["froc"] for f in cache_findings(model, cache, uids, device=device, rescorer=rescorer)],
                           max_findings=FROC_MAX_FINDINGS)
     threshold = metrics.froc_operating_threshold(result, target)
     if not math.isfinite(threshold):

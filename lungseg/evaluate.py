@@ -272,23 +272,19 @@ def evaluate_detection(det, seg, cache: Cache, uids, *, device, precision: str =
     centre), whether found or not. Nodules whose mask vanishes on the model
     grid (a few micro nodules on 3 mm slices) are left out of both.
     """
-    from .detect import finding_masks, scan_findings, segment_rois
+    from .detect import cache_findings, finding_masks, segment_rois
 
     froc_scans, froc_meta = [], []
     context_rows, centred_rows = [], []
-    for uid in uids:
+    for found in cache_findings(det, cache, uids, device=device, precision=precision, rescorer=rescorer):
+        uid, keep, ref = found["uid"], found["keep"], found["ref"]
         g = cache.scan(uid)
         spacing = np.asarray(g.attrs["spacing"], float)
-        keep, scores = scan_findings(det, cache, uid, device=device, precision=precision, rescorer=rescorer)
-        voxels = g["candidates/centre"][()][keep].reshape(-1, 3)
-        ref = reference_nodules(cache, uid)
-        froc_scans.append({"finding_centres_mm": voxels * spacing, "finding_scores": scores,
-                           "nodule_centres_mm": ref["centres_mm"], "nodule_diameters_mm": ref["diameter_mm"],
-                           "nodule_relevant": ref["relevant"]})
-        froc_meta.append((uid, str(g.attrs["patient_id"]), voxels, ref))
+        froc_scans.append(found["froc"])
+        froc_meta.append((uid, str(g.attrs["patient_id"]), found["centres"], ref))
         if seg is None:
             continue
-        at = keep[scores >= det_threshold]
+        at = keep[found["froc"]["finding_scores"] >= det_threshold]
         probs = segment_rois(seg, g["candidates/image"][()][at], device=device, precision=precision)
         labels, _ = finding_masks(probs, g["candidates/start"][()][at], tuple(g.attrs["shape"]), spacing,
                                   seg_threshold)

@@ -220,6 +220,13 @@ def _lung_side(volume: CTVolume, centroid, lungs: np.ndarray) -> str:
     return "left" if volume.voxel_to_world(np.asarray(centroid, float))[0] > x_mid else "right"
 
 
+def model_grid(volume: CTVolume, pre: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
+    """A series' HU and lung mask on the model grid, as prediction sees them (no nodule mask to help the lungs)."""
+    hu_r = resample(volume.hu, volume.spacing, pre.spacing,
+                    shape=resampled_shape(volume.shape, volume.spacing, pre.spacing))
+    return hu_r, lung_mask(hu_r, pre.spacing, threshold=pre.lung_threshold_hu, closing_mm=pre.lung_closing_mm)
+
+
 def predict_volume(volume: CTVolume, models: Models, cfg: PredictConfig = PredictConfig()) -> Prediction:
     """Find, segment and classify the nodules of one CT volume.
 
@@ -230,9 +237,7 @@ def predict_volume(volume: CTVolume, models: Models, cfg: PredictConfig = Predic
     timings = {}
     t = time.perf_counter()
     pre = models.preprocess
-    shape_r = resampled_shape(volume.shape, volume.spacing, pre.spacing)
-    hu_r = resample(volume.hu, volume.spacing, pre.spacing, shape=shape_r)
-    lungs_r = lung_mask(hu_r, pre.spacing, threshold=pre.lung_threshold_hu, closing_mm=pre.lung_closing_mm)
+    hu_r, lungs_r = model_grid(volume, pre)
     image_r = window(hu_r, *pre.window)
     timings["preprocess_s"] = time.perf_counter() - t
     lungs = _to_original(lungs_r.astype(np.float32), volume.shape, volume.spacing, pre.spacing, order=1) >= 0.5
