@@ -566,7 +566,7 @@ def predict(source, seg, cls_, out, threshold, min_volume_mm3, overlap, device, 
 @click.option("--protocol", type=click.Choice(["nodule", "annotation"]), default="nodule", show_default=True,
               help="annotation: every reader's rating counts (paper A's counting).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Folder for evaluation.json, evaluation.md and roc.png.")
+              help="Folder for evaluation.json, evaluation.md and the figures (roc.png, calibration.png, froc.png).")
 @click.option("--bootstrap", "n_bootstrap", type=click.IntRange(min=10), default=1000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)

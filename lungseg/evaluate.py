@@ -17,7 +17,10 @@
 - Classification, Table 5's layout: accuracy, recall (sensitivity),
   specificity, and the AUC, each with a percentile bootstrap 95 % interval
   that resamples patients (their nodules are correlated); the confusion
-  matrix; the ROC curve as PNG.
+  matrix; the ROC curve as PNG; the calibration of p(malignant) (Brier score,
+  expected calibration error with intervals, reliability diagram as PNG).
+- With a detector (``--det``): its FROC, and Table 4 of the segmenter on what
+  it finds (:func:`evaluate_detection`).
 
 Protocols: ``nodule`` (default) counts each nodule once with the label of its
 readers' median malignancy; ``annotation`` counts every reader's annotation
@@ -348,7 +351,7 @@ def classification_items(cache: Cache, uids, protocol: str = "nodule"):
 
 def evaluate_classification(model, cache: Cache, uids, *, device, precision: str = "auto",
                             protocol: str = "nodule", n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Table 5's measures with bootstrap 95 % intervals, the confusion matrix and the ROC curve."""
+    """Table 5's measures with bootstrap 95 % intervals, the confusion matrix, the ROC curve and the calibration."""
     model.eval()
     items, labels, patients = classification_items(cache, uids, protocol)
     if not len(labels):
@@ -374,12 +377,48 @@ def evaluate_classification(model, cache: Cache, uids, *, device, precision: str
         out[name] = b.estimate
         ci[name] = [b.low, b.high]
     out["ci95"] = ci
+    calibration = {}
+    for name, fn in (("brier", metrics.brier_score), ("ece", metrics.expected_calibration_error)):
+        b = metrics.bootstrap_ci(fn, labels, probs, n_resamples=n_bootstrap, seed=seed, groups=patients)
+        calibration[name], calibration[f"{name}_ci95"] = b.estimate, [b.low, b.high]
+    curve = metrics.reliability(labels, probs)
+    calibration["reliability"] = {k: [None if not np.isfinite(v) else float(v) for v in a] if a.dtype.kind == "f"
+                                  else a.tolist() for k, a in curve.items()}
+    calibration["n_bins"] = metrics.CALIBRATION_BINS
+    out["calibration"] = calibration
     out["confusion_matrix"] = metrics.confusion_matrix(labels, pred, num_classes=2).tolist()
     fpr, tpr, _ = metrics.roc_curve(labels, probs)
     out["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
     out["items"] = [{"id": f"{uid}/{j}", "patient_id": str(p), "label": int(y), "p_malignant": float(q)}
                     for (uid, j), p, y, q in zip(items, patients, labels, probs)]
     return out
+
+
+def plot_calibration(result: dict[str, Any], path: Path, title: str) -> None:
+    """Reliability diagram: observed malignant fraction against mean p(malignant) per bin, with bin counts."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = result["calibration"]
+    r = c["reliability"]
+    used = [i for i, n in enumerate(r["count"]) if n]
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(4.5, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    ax.plot([r["mean_predicted"][i] for i in used], [r["observed"][i] for i in used], "o-",
+            label=f"ECE {c['ece']:.3f}, Brier {c['brier']:.3f}")
+    ax.set_ylabel("observed malignant fraction")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(title, fontsize=8)
+    edges = r["edges"]
+    bx.bar(edges[:-1], r["count"], width=np.diff(edges), align="edge", color="lightsteelblue", edgecolor="grey")
+    bx.set_xlabel("p(malignant)")
+    bx.set_ylabel("nodules")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def plot_roc(result: dict[str, Any], path: Path, title: str) -> None:
@@ -494,6 +533,11 @@ def markdown(report: dict[str, Any]) -> str:
                                     for k in ("accuracy", "recall", "specificity", "auc")) + " |",
                   "", f"Confusion matrix (rows true benign/malignant, columns predicted): {cls['confusion_matrix']}; "
                       f"{cls['n']} items, {cls['n_malignant']} malignant, {cls['n_patients']} patients"]
+        cal = cls.get("calibration")
+        if cal:
+            lines += ["", f"Calibration of p(malignant): Brier {cal['brier']:.3f} [{cal['brier_ci95'][0]:.3f}, "
+                          f"{cal['brier_ci95'][1]:.3f}], ECE {cal['ece']:.3f} [{cal['ece_ci95'][0]:.3f}, "
+                          f"{cal['ece_ci95'][1]:.3f}] ({cal['n_bins']} equal-width bins; calibration.png)"]
     return "\n".join(lines)
 
 
@@ -511,8 +555,9 @@ def evaluate(cache_path: str | os.PathLike, *, seg: str | os.PathLike | None, cl
     the segmenter's sub-case sections (:func:`evaluate_detection`).
 
     Writes ``evaluation.json`` (tables, intervals, and one row per nodule or
-    item), ``evaluation.md``, for a classifier ``roc.png``, and for a
-    segmenter on a scan cache ``froc.png`` (findings: ``candidate_threshold``,
+    item), ``evaluation.md``, for a classifier ``roc.png`` and
+    ``calibration.png`` (reliability diagram), and for a segmenter or a
+    detector on a scan cache ``froc.png`` (findings: ``candidate_threshold``,
     at most ``max_findings`` per scan). A checkpoint trained on other
     preprocessing than the cache's is refused.
     """
@@ -562,6 +607,7 @@ def evaluate(cache_path: str | os.PathLike, *, seg: str | os.PathLike | None, cl
                                          protocol=protocol, n_bootstrap=n_bootstrap, seed=seed)
         report["classification"] = result
         plot_roc(result, out / "roc.png", f"{Path(cache_path).name}, split {split}, {protocol} protocol")
+        plot_calibration(result, out / "calibration.png", f"{Path(cache_path).name}, split {split}, {protocol} protocol")
     (out / "evaluation.json").write_text(json.dumps(report, indent=2, default=float))
     (out / "evaluation.md").write_text(markdown(report) + "\n")
     return report

@@ -29,6 +29,7 @@ lungseg dependency) for connected components.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -268,6 +269,45 @@ class BootstrapCI:
 
     def __str__(self) -> str:
         return f"{self.estimate:.3f} [{self.low:.3f}, {self.high:.3f}]"
+
+
+# --------------------------------------------------------------------------
+# Calibration of probabilities
+# --------------------------------------------------------------------------
+
+#: Equal-width probability bins of the reliability diagram and the ECE.
+CALIBRATION_BINS = 10
+
+
+def brier_score(y_true, probs) -> float:
+    """Mean squared difference between the predicted probability and the 0/1 outcome (lower is better)."""
+    y, p = _scores(y_true, probs)
+    return float(np.mean((p - y) ** 2)) if len(y) else math.nan
+
+
+def reliability(y_true, probs, n_bins: int = CALIBRATION_BINS) -> dict[str, np.ndarray]:
+    """Per equal-width bin of predicted probability: mean prediction, observed positive fraction, count.
+
+    Bins without items have NaN means and count 0; a probability of exactly
+    1 falls in the last bin.
+    """
+    y, p = _scores(y_true, probs)
+    index = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    count = np.bincount(index, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_p = np.bincount(index, weights=p, minlength=n_bins) / count
+        observed = np.bincount(index, weights=y, minlength=n_bins) / count
+    return {"edges": np.linspace(0, 1, n_bins + 1), "mean_predicted": mean_p, "observed": observed, "count": count}
+
+
+def expected_calibration_error(y_true, probs, n_bins: int = CALIBRATION_BINS) -> float:
+    """ECE: the count-weighted mean |observed fraction - mean prediction| over equal-width bins."""
+    r = reliability(y_true, probs, n_bins)
+    n = r["count"].sum()
+    if n == 0:
+        return math.nan
+    used = r["count"] > 0
+    return float(np.sum(r["count"][used] * np.abs(r["observed"][used] - r["mean_predicted"][used])) / n)
 
 
 def bootstrap_ci(statistic: Callable[..., float], *arrays, n_resamples: int = 1000,

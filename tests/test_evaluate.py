@@ -36,6 +36,12 @@ def test_report_has_the_paper_tables_with_plain_keys(tiny_trained, all_test, tmp
         assert key in cls and len(cls["ci95"][key]) == 2
     assert np.sum(cls["confusion_matrix"]) == cls["n"] == 2
     assert (tmp_path / "roc.png").is_file() and "| accuracy |" in (tmp_path / "evaluation.md").read_text()
+    cal = cls["calibration"]
+    probs = np.array([item["p_malignant"] for item in cls["items"]])
+    labels = np.array([item["label"] for item in cls["items"]])
+    assert cal["brier"] == pytest.approx(np.mean((probs - labels) ** 2))
+    assert sum(cal["reliability"]["count"]) == cls["n"] and 0 <= cal["ece"] <= 1
+    assert (tmp_path / "calibration.png").is_file() and "Calibration of p(malignant)" in (tmp_path / "evaluation.md").read_text()
 
 
 def test_annotation_protocol_counts_each_readers_rating(tiny_trained, all_test, tmp_path):

@@ -365,3 +365,16 @@ def test_the_sensitivity_at_one_rate_has_its_own_interval():
     assert one.estimate == pytest.approx(r["sensitivity_at_fp_rates"][list(r["fp_rates"]).index(1.0)])
     assert 0.0 <= one.low <= one.estimate <= one.high <= 1.0 and one.high > one.low
     assert m.cpm_bootstrap_ci(r, n_resamples=200, seed=1) != one       # the CPM's interval is another
+
+
+def test_calibration_measures():
+    y = np.array([0, 0, 1, 1, 1, 0, 1, 0])
+    assert m.brier_score(y, y.astype(float)) == 0.0
+    assert m.brier_score(y, np.full(8, 0.5)) == pytest.approx(0.25)
+    assert m.expected_calibration_error(y, np.full(8, 0.5)) == pytest.approx(0.0)      # half are malignant
+    over = np.where(y == 1, 0.95, 0.85)            # confident everywhere: bins 8 (all benign) and 9 (all malignant)
+    r = m.reliability(y, over)
+    assert r["count"].sum() == 8 and r["count"][8] == 4 and r["count"][9] == 4
+    assert r["observed"][8] == 0.0 and r["observed"][9] == 1.0 and np.isnan(r["observed"][0])
+    assert m.expected_calibration_error(y, over) == pytest.approx((4 * 0.85 + 4 * 0.05) / 8)
+    assert m.reliability([1], [1.0])["count"][-1] == 1                                     # p = 1 in the last bin
