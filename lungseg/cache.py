@@ -50,6 +50,14 @@ scan file, root attrs
     float32 and ``diameter_mm`` (M,) float32. Detection scoring (LUNA16)
     neither counts nor penalises findings on them.
 
+``candidates/*``    the detector's candidates (:mod:`lungseg.detect`; absent with
+    ``PreprocessConfig.candidates`` off and in caches written before it), most
+    blob-like first (K rows): ``centre`` (K, 3) float32 resampled-grid index,
+    ``radius_mm``, ``response`` (LoG, HU), ``label`` (int8: 1 within a relevant
+    nodule's radius, -1 within a nodule of fewer readers', 0 otherwise),
+    ``nodule`` (row of the nodule table hit, -1 none), ``start`` (K, 3) int32,
+    ``image`` (K, 16, 48, 48) float16 and ``mask`` (K, ...) uint8 (every relevant
+    nodule's mask): each candidate's ROI, centred as ``rois/*``.
 Scan attributes ``kind`` ("crop", "composite"; absent for LIDC scans) and, for
 composites, ``background`` say where an entry came from.
 """
@@ -279,8 +287,9 @@ class Cache:
         """A scan's detector candidates (``candidates/*``); a clear error for caches written before the detector."""
         g = self.scan(series_uid)
         if "candidates" not in g:
-            raise CacheError(f"{self.path}: scan {series_uid} has no detector candidates (lungseg preprocess "
-                             "writes them since the detector came); preprocess the scans again into a new cache")
+            raise CacheError(f"{self.path}: scan {series_uid} has no detector candidates (preprocessed with "
+                             "--no-candidates, or before the detector came); preprocess the scans again into a new "
+                             "cache")
         return g["candidates"]
 
     def nodule_table(self, series_uid: str) -> dict[str, np.ndarray]:

@@ -70,6 +70,7 @@ class PreprocessConfig:
     mask_readers: int = 3         # its mask: voxels this many readers included
     lung_threshold_hu: float = -320.0
     lung_closing_mm: float = 10.0
+    candidates: bool = True       # store the detector's candidates (lungseg.detect) per scan
 
     def __post_init__(self):
         if any(s <= 0 for s in self.spacing):

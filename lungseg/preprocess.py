@@ -362,7 +362,8 @@ def scan_record(volume: CTVolume, masks: Sequence[tuple[np.ndarray, tuple[slice,
     arrays["irrelevant/centroid_resampled"] = np.asarray(
         [np.asarray(o["centroid_voxel"]) * ratio for o in irrelevant], np.float32).reshape(len(irrelevant), 3)
     arrays["irrelevant/diameter_mm"] = np.asarray([o["diameter_mm"] for o in irrelevant], np.float32)
-    arrays.update(_candidate_arrays(hu, lungs, image, nodule_masks, centres, rows, arrays, cfg))
+    if cfg.candidates:
+        arrays.update(_candidate_arrays(hu, lungs, image, nodule_masks, centres, rows, arrays, cfg))
 
     voxel_ml = float(np.prod(cfg.spacing)) / 1000.0
     attrs = {

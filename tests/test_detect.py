@@ -1,6 +1,7 @@
 """detect.py: blob candidates, their labels, suppression, finding masks, and the detector end to end on a tiny cache."""
 
 import numpy as np
+import pytest
 import torch
 
 from lungseg import detect, train
@@ -157,3 +158,19 @@ def test_train_det_command_prints_its_operating_point(tiny_trained, tmp_path):
                                        str(tiny_trained["seg"]), "--cls", str(tiny_trained["cls"]), "--det",
                                        str(out / "last.pt"), "--det-threshold", "2", "--out", str(tmp_path / "p")])
     assert result.exit_code == 2 and "det-threshold" in result.output
+
+
+def test_preprocess_can_leave_the_candidates_out(tiny_lidc, tmp_path):
+    from lungseg import lidc
+    from lungseg.errors import CacheError
+    from lungseg.preprocess import PreprocessConfig, preprocess_dataset, select_scans
+
+    root, db_path = tiny_lidc
+    cfg = PreprocessConfig(subcase_shape=(16, 64, 64), roi_shape=(8, 16, 16), candidates=False)
+    with lidc.LidcDatabase(db_path) as db:
+        results = list(preprocess_dataset(select_scans(root, db, ["LIDC-IDRI-9001"]), tmp_path / "c.h5", db, cfg))
+    assert [r.status for r in results] == ["done"]
+    c = Cache(tmp_path / "c.h5")
+    assert "candidates" not in c.scan(c.series_uids[0])
+    with pytest.raises(CacheError, match="no detector candidates"):
+        c.candidates(c.series_uids[0])
