@@ -633,8 +633,8 @@ def demo(out, n_scans, seed, device):
     todo = [r.patient_id for r in records if not synth.series_folder(lidc_root, r).is_dir()]
     if todo:
         _run("synth", "--out", str(lidc_root), "--seed", str(seed), *[a for p in todo for a in ("--patient", p)])
-    _run("preprocess", "--lidc-root", str(lidc_root), "--out", str(cache_path),
-         *[a for r in records for a in ("--scans", r.series_uid)])
+    _run("preprocess", "--lidc-root", str(lidc_root), "--out", str(cache_path), "--no-candidates",
+         *[a for r in records for a in ("--scans", r.series_uid)])      # the demo trains paper A's path only
     common = ["--cache", str(cache_path), "--split-file", str(split_file), "--seed", str(seed), "--device", device]
     runs = {}
     for kind, preset in (("seg", ["--epochs", "2", "--batch-size", "2", "--max-batches", "4", "--switch-epoch", "1"]),
