@@ -363,7 +363,7 @@ def scan_record(volume: CTVolume, masks: Sequence[tuple[np.ndarray, tuple[slice,
         [np.asarray(o["centroid_voxel"]) * ratio for o in irrelevant], np.float32).reshape(len(irrelevant), 3)
     arrays["irrelevant/diameter_mm"] = np.asarray([o["diameter_mm"] for o in irrelevant], np.float32)
     if cfg.candidates:
-        arrays.update(_candidate_arrays(hu, lungs, image, nodule_masks, centres, rows, arrays, cfg))
+        arrays.update(_candidate_arrays(hu, lungs, image, union, centres, rows, arrays, cfg))
 
     voxel_ml = float(np.prod(cfg.spacing)) / 1000.0
     attrs = {
@@ -380,7 +380,7 @@ def scan_record(volume: CTVolume, masks: Sequence[tuple[np.ndarray, tuple[slice,
     return ScanRecordData(series_uid=str(attrs["series_uid"]), attrs=attrs, arrays=arrays)
 
 
-def _candidate_arrays(hu, lungs, image, nodule_masks, centres, rows, arrays, cfg: PreprocessConfig) -> dict:
+def _candidate_arrays(hu, lungs, image, union, centres, rows, arrays, cfg: PreprocessConfig) -> dict:
     """The detector's candidates of a scan (:mod:`lungseg.detect`), labelled against its nodules, with their ROIs."""
     from .detect import candidates, label_candidates
 
@@ -388,7 +388,6 @@ def _candidate_arrays(hu, lungs, image, nodule_masks, centres, rows, arrays, cfg
     label, which = label_candidates(
         cands, cfg.spacing, [(c, r["diameter_mm"]) for c, r in zip(centres, rows)],
         list(zip(arrays["irrelevant/centroid_resampled"], arrays["irrelevant/diameter_mm"])))
-    union = np.any(nodule_masks, axis=0).astype(np.uint8) if nodule_masks else np.zeros(hu.shape, np.uint8)
     starts = [roi_start(c, cfg.roi_shape) for c in cands.centres]
     k = len(cands)
     return {
@@ -400,7 +399,7 @@ def _candidate_arrays(hu, lungs, image, nodule_masks, centres, rows, arrays, cfg
         "candidates/start": np.asarray(starts, np.int32).reshape(k, 3),
         "candidates/image": (np.stack([crop(image, s, cfg.roi_shape) for s in starts]) if k
                              else np.zeros((0, *cfg.roi_shape))).astype(np.float16),
-        "candidates/mask": (np.stack([crop(union, s, cfg.roi_shape) for s in starts]) if k
+        "candidates/mask": (np.stack([crop(union.astype(np.uint8), s, cfg.roi_shape) for s in starts]) if k
                             else np.zeros((0, *cfg.roi_shape))).astype(np.uint8),
     }
 
