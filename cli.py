@@ -290,8 +290,8 @@ def _common_train_options(Config):
                      help="Comma-separated epochs where the learning rate drops 10x "
                           f"[default: {','.join(map(str, Config.lr_milestones)) or 'none'}]."),
         click.option("--preset", type=click.Choice(list(PRESETS[Config.kind])), default="paper", show_default=True,
-                     help="paper: paper A's settings; cpu: a smaller network and fewer epochs "
-                          "(lungseg.configs.PRESETS). Options given explicitly override the preset."),
+                     help="paper: paper A's settings; cpu: a smaller network and fewer epochs; others: "
+                          "lungseg.configs.PRESETS. Options given explicitly override the preset."),
         click.option("--seed", type=int, default=Config.seed, show_default=True),
         click.option("--augment/--no-augment", default=Config.augment, show_default=True,
                      help="Random flips and in-plane quarter turns."),
@@ -336,6 +336,22 @@ def _train_config(Config, options: dict):
 
 
 def _run_training(cfg, cache_path: Path, out: Path, resume: bool) -> None:
+    summary = _with_progress(cfg, lambda cb: _fit(cfg, cache_path, out, resume, cb))
+    if summary["best"] is None:
+        click.echo(f"{summary['epochs_run']} epochs run without validation; the model is {summary['last']}")
+    else:
+        click.echo(f"{summary['epochs_run']} epochs run; best validation {summary['metric']} "
+                   f"{summary['best_metric']:.4f}; checkpoints {summary['best']} and {summary['last']}")
+
+
+def _fit(cfg, cache_path, out, resume, callbacks):
+    from lungseg import train
+
+    return train.fit(cfg, cache_path, out, resume=resume, callbacks=callbacks)
+
+
+def _with_progress(cfg, run):
+    """``run(callbacks)`` with a progress bar per epoch and one line per finished epoch."""
     from lungseg import train
 
     bar = {}
@@ -358,13 +374,7 @@ def _run_training(cfg, cache_path: Path, out: Path, resume: bool) -> None:
         click.echo(f"epoch {r['epoch']:3d}  lr {r['lr']:.0e}  train loss {r['train_loss']:.4f} ({r['loss_kind']})"
                    f"  {metric}  {r['seconds']:.1f}s{'  *best' if r['best'] else ''}")
 
-    summary = train.fit(cfg, cache_path, out, resume=resume,
-                        callbacks=train.Callbacks(on_epoch_start, on_batch, on_epoch_end))
-    if summary["best"] is None:
-        click.echo(f"{summary['epochs_run']} epochs run without validation; the model is {summary['last']}")
-    else:
-        click.echo(f"{summary['epochs_run']} epochs run; best validation {summary['metric']} "
-                   f"{summary['best_metric']:.4f}; checkpoints {summary['best']} and {summary['last']}")
+    return run(train.Callbacks(on_epoch_start, on_batch, on_epoch_end))
 
 
 @main.command("train-seg")
@@ -388,13 +398,44 @@ def train_seg(cache_path, out, resume, widths, **options):
 
 @main.command("train-cls")
 @_common_train_options(ClsConfig)
-@click.option("--arch", type=click.Choice(list(ARCHS["cls"])), default=ClsConfig.arch, show_default=True)
+@click.option("--arch", type=click.Choice(list(ARCHS["cls"])), default=None,
+              help=f"[default: the preset's, else paper A's {ClsConfig.arch}]")
 @click.option("--width", type=click.IntRange(min=1), default=None,
               help="Channels of the first stage [default: ResNet50's 64].")
 @click.option("--balance", is_flag=True, help="Draw benign and malignant nodules equally often.")
+@click.option("--mask-channel/--no-mask-channel", default=None,
+              help="Give the network the nodule's mask as a second channel (nodulenet) [default: the preset's].")
+@click.option("--aux-weight", type=click.FloatRange(min=0), default=None,
+              help="Weight of the readers' ratings as auxiliary targets (nodulenet) [default: the preset's, else 0].")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=None, help="AdamW's [default: the preset's, else 0].")
+@click.option("--members", type=click.IntRange(min=0), default=None,
+              help="K >= 2: train K cross-fitted networks, then calibrate them and fit the hybrid on their "
+                   "out-of-fold logits; the model is OUT/model.pt [default: the preset's, else 0: one network].")
 def train_cls(cache_path, out, resume, **options):
-    """Train the 3D ResNet50 (or a Table 5 baseline) on the cache's nodule ROIs."""
-    _run_training(_train_config(ClsConfig, options), cache_path, out, resume)
+    """Train the 3D ResNet50 (or a Table 5 baseline, or nodulenet) on the cache's nodule ROIs.
+
+    --preset nodule trains lungseg's own classifier (lungseg.malignancy): a small
+    network reading the ROI and the nodule's mask, taught the readers' ratings
+    too, as 5 cross-fitted members whose out-of-fold logits calibrate it and fit
+    a hybrid with the nodule's measured size and HU. Patients marked test in
+    --split-file are left out; all others train.
+    """
+    cfg = _train_config(ClsConfig, options)
+    if not cfg.members:
+        _run_training(cfg, cache_path, out, resume)
+        return
+    from lungseg.malignancy import train_cross_fit
+
+    def on_member(j, k):
+        click.echo(f"member {j + 1}/{k} (inner fold {j} held out)")
+
+    summary = _with_progress(cfg, lambda cb: train_cross_fit(cfg, cache_path, out, resume=resume, callbacks=cb,
+                                                             on_member=on_member))
+    hybrid = summary.get("oof_auc_hybrid_in_sample")
+    click.echo(f"{summary['members']} members; out-of-fold AUC of the network {summary['oof_auc_network']:.3f} "
+               f"on {summary['n_oof']} labelled nodules; temperature {summary['temperature']:.2f}"
+               + (f"; hybrid fitted (in-sample AUC {hybrid:.3f})" if hybrid is not None else "; no hybrid")
+               + f"\nmodel: {summary['model']}")
 
 
 @main.command("train-det")

@@ -43,7 +43,9 @@ scan file, root attrs
     grid), ``size_category`` (int8 index into :data:`SIZE_CATEGORIES`),
     ``centroid_voxel`` (N, 3) float32 original-grid (z, y, x) index,
     ``centroid_world`` (N, 3) float32 LPS mm, ``centroid_resampled`` (N, 3)
-    float32 resampled-grid index; crops and composites also have
+    float32 resampled-grid index, ``features`` (N, 7) float32: :data:`FEATURES`
+    measured on the original grid (:func:`nodule_features`; absent in caches
+    written before it); crops and composites also have
     ``ratings_majority`` (N, 9) int8, the readers' majority votes.
 ``irrelevant/*``     nodules marked by fewer readers than the cache's ``min_readers``
     (LIDC scans, composites of LIDC backgrounds): ``centroid_resampled`` (M, 3)
@@ -71,7 +73,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -93,6 +95,30 @@ SIZE_CATEGORIES = (
     (float("inf"), "mass"),
 )
 LABEL_NAMES = {0: "benign", 1: "malignant", -1: "excluded"}
+
+
+#: Measured features of a nodule, on its own (original) grid: :func:`nodule_features`.
+FEATURES = ("volume_mm3", "diameter_mm", "mean_hu", "std_hu", "p90_hu", "calcified_fraction", "surface_to_volume")
+#: Voxels at or above this HU count as calcified.
+CALCIFIED_HU = 200.0
+
+
+def nodule_features(hu: np.ndarray, mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """:data:`FEATURES` of one nodule: its mask and HU on the same grid of ``spacing`` (z, y, x mm)."""
+    mask = np.asarray(mask, bool)
+    spacing = np.asarray(spacing, float)
+    voxel = float(np.prod(spacing))
+    n = int(mask.sum())
+    if n == 0:
+        return np.full(len(FEATURES), np.nan)
+    volume = n * voxel
+    values = np.asarray(hu, np.float64)[mask]
+    faces = 0.0
+    for axis in range(3):
+        padded = np.pad(mask, [(1, 1) if a == axis else (0, 0) for a in range(3)])
+        faces += float(np.count_nonzero(np.diff(padded.astype(np.int8), axis=axis))) * voxel / spacing[axis]
+    return np.array([volume, equivalent_diameter_mm(volume), values.mean(), values.std(),
+                     float(np.percentile(values, 90)), float((values >= CALCIFIED_HU).mean()), faces / volume])
 
 
 def equivalent_diameter_mm(volume_mm3: float) -> float:

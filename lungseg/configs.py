@@ -39,7 +39,7 @@ from .splits import DEFAULT_SPLIT_FILE
 ARCHS: dict[str, dict[str, str]] = {
     "seg": {"resunet3d": "resunet3d:resunet3d", "unet3d": "resunet3d:unet3d"},
     "cls": {"resnet3d50": "resnet3d:resnet3d50", "resnet3d50_plain": "resnet3d:resnet3d50_plain",
-            "resnet2d50": "resnet3d:resnet2d50"},
+            "resnet2d50": "resnet3d:resnet2d50", "nodulenet": "malignancy:nodulenet"},
     "det": {"candidatenet": "detect:candidate_net"},
 }
 SEG_ARCHS = tuple(ARCHS["seg"])
@@ -48,6 +48,8 @@ SEG_ARCHS = tuple(ARCHS["seg"])
 #: detector finds them; :class:`lungseg.datasets.CandidateSegDataset`).
 SEG_PATCHES = ("subcase", "candidate")
 CLS_ARCHS = tuple(ARCHS["cls"])
+#: Classifiers that can read the nodule's mask as a second channel and regress the readers' ratings.
+CLS_MULTI_ARCHS = ("nodulenet",)
 #: FROC findings (``lungseg evaluate``): probability map voxels at or above
 #: CANDIDATE_THRESHOLD form them. Low on purpose: the FROC sweeps the findings'
 #: scores (their maximum probability), so it only sets the lowest operating
@@ -270,17 +272,44 @@ class ClsConfig(TrainConfig):
     epochs: int = 52
     batch_size: int = 16
     lr: float = 1e-4
-    arch: str = "resnet3d50"                         # or resnet3d50_plain, resnet2d50
+    arch: str = "resnet3d50"                         # or resnet3d50_plain, resnet2d50, nodulenet
     width: int = 64
     balance: bool = False                            # draw benign and malignant equally often
+    # Not in paper A (lungseg.malignancy): the mask as a second input channel, the
+    # readers' ratings as auxiliary targets, Adam's weight decay, and K >= 2
+    # cross-fitted members (calibrated and stacked with measured features).
+    mask_channel: bool = False
+    aux_weight: float = 0.0
+    weight_decay: float = 0.0
+    members: int = 0
 
     def __post_init__(self):
         super().__post_init__()
         if self.width < 1:
             raise ValueError(f"width must be >= 1, got {self.width}")
+        if (self.mask_channel or self.aux_weight > 0) and self.arch not in CLS_MULTI_ARCHS:
+            raise ValueError(f"mask_channel and aux_weight need arch {' or '.join(CLS_MULTI_ARCHS)}, not {self.arch}")
+        if self.aux_weight < 0 or self.weight_decay < 0:
+            raise ValueError("aux_weight and weight_decay must be >= 0")
+        if self.members == 1 or self.members < 0:
+            raise ValueError(f"members must be 0 (one network) or >= 2 (cross-fitted), got {self.members}")
+        if self.balance and self.aux_weight > 0:
+            raise ValueError("balance is not available with aux_weight (nodules without a label train the ratings)")
 
     def build_model(self):
-        return _builder("cls", self.arch)(num_classes=2, width=self.width)
+        if self.arch in CLS_MULTI_ARCHS:
+            from .lidc import CHARACTERISTICS
+
+            member = lambda: _builder("cls", self.arch)(  # noqa: E731
+                num_classes=2, width=self.width, in_channels=1 + int(self.mask_channel),
+                n_aux=len(CHARACTERISTICS) if self.aux_weight > 0 else 0)
+        else:
+            member = lambda: _builder("cls", self.arch)(num_classes=2, width=self.width)  # noqa: E731
+        if self.members:
+            from .malignancy import NoduleEnsemble
+
+            return NoduleEnsemble([member() for _ in range(self.members)])
+        return member()
 
 
 @dataclass(frozen=True)
@@ -323,7 +352,12 @@ CONFIGS: dict[str, type[TrainConfig]] = {"seg": SegConfig, "cls": ClsConfig, "de
 #: loss schedule, augmentation) stays the paper's.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "seg": {"paper": {}, "cpu": {"widths": (4, 8, 16, 32, 64), "epochs": 8}},
-    "cls": {"paper": {}, "cpu": {"width": 8, "epochs": 5}},
+    "cls": {"paper": {}, "cpu": {"width": 8, "epochs": 5},
+            # lungseg.malignancy: a small two-channel network with the readers' ratings as
+            # auxiliary targets, 5 cross-fitted members; about 4 min per member on 2 cores
+            # for 630 crops (benchmarks/malignancy.py).
+            "nodule": {"arch": "nodulenet", "width": 16, "mask_channel": True, "aux_weight": 0.5, "members": 5,
+                       "epochs": 30, "batch_size": 32, "lr": 1e-3, "lr_milestones": (20,), "weight_decay": 1e-4}},
     # The detector is not paper A's: "paper" is its defaults, sized for 2 CPU cores.
     "det": {"paper": {}},
 }

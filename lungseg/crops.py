@@ -52,7 +52,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import lidc
-from .cache import CacheWriter, ScanRecordData, equivalent_diameter_mm, size_category
+from .cache import CacheWriter, ScanRecordData, equivalent_diameter_mm, nodule_features, size_category
 from .dicomio import CTVolume, nifti_affine, read_nifti_mask, read_nifti_volume
 from .errors import LungsegError
 from .preprocess import PreprocessConfig, roi_centre, window
@@ -241,6 +241,7 @@ def import_crop(image_path: str | os.PathLike, mask_path: str | os.PathLike, row
         "nodules/long_axis_mm": np.asarray([np.nan], np.float32),
         "nodules/volume_mm3": np.asarray([volume_mm3], np.float32),
         "nodules/mean_hu": np.asarray([float(hu[mask].mean())], np.float32),
+        "nodules/features": nodule_features(hu, mask, volume.spacing).astype(np.float32)[None],
         "nodules/size_category": np.asarray([size_category(diameter)], np.int8),
         "nodules/centroid_voxel": np.asarray([centroid], np.float32),
         "nodules/centroid_world": np.asarray([world], np.float32),

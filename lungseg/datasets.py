@@ -80,27 +80,46 @@ class SubcaseDataset(_CacheDataset):
 class RoiDataset(_CacheDataset):
     """(image, label) pairs: 1 x 16 x 48 x 48 float32 ROIs and 0 benign / 1 malignant.
 
-    Nodules labelled excluded (-1: median malignancy 3) are left out.
+    Nodules labelled excluded (-1: median malignancy 3) are left out. With
+    ``mask_channel`` the nodule's ROI mask is a second channel; with
+    ``ratings`` every nodule is an item and the target is the row
+    [label (-1: none), the readers' majority ratings (-1: none)]
+    (:func:`lungseg.malignancy.majority_ratings`, :func:`lungseg.malignancy.cls_loss`).
     """
 
+    def __init__(self, cache, series_uids, *, augment: bool = False, seed: int = 0, mask_channel: bool = False,
+                 ratings: bool = False):
+        self.mask_channel, self.ratings = mask_channel, ratings
+        super().__init__(cache, series_uids, augment=augment, seed=seed)
+
     def _index(self):
+        from .malignancy import majority_ratings
+
         items = []
         for uid in self.series_uids:
-            labels = self.cache.nodule_table(uid).get("label", np.zeros(0))
-            items.extend((uid, i, int(lab)) for i, lab in enumerate(labels) if lab >= 0)
+            table = self.cache.nodule_table(uid)
+            for i, lab in enumerate(table.get("label", np.zeros(0))):
+                if lab >= 0 or self.ratings:
+                    items.append((uid, i, int(lab), majority_ratings(table, i) if self.ratings else None))
         return items
 
     @property
     def labels(self) -> np.ndarray:
-        return np.array([lab for _, _, lab in self.items], dtype=np.int64)
+        return np.array([item[2] for item in self.items], dtype=np.int64)
 
     def __getitem__(self, key):
         index, epoch = self._unpack(key)
-        uid, i, label = self.items[index]
-        image = self.cache.scan(uid)["rois/image"][i].astype(np.float32)
+        uid, i, label, ratings = self.items[index]
+        g = self.cache.scan(uid)
+        arrays = [g["rois/image"][i].astype(np.float32)]
+        if self.mask_channel:
+            arrays.append(g["rois/mask"][i].astype(np.float32))
         if self.augment:
-            (image,) = augment([image], self._rng(index, epoch))
-        return torch.from_numpy(image)[None], torch.tensor(label, dtype=torch.long)
+            arrays = augment(arrays, self._rng(index, epoch))
+        x = torch.from_numpy(np.stack(arrays))
+        if self.ratings:
+            return x, torch.from_numpy(np.r_[np.float32(label), ratings].astype(np.float32))
+        return x, torch.tensor(label, dtype=torch.long)
 
 
 class CandidateDataset(_CacheDataset):

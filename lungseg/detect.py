@@ -31,6 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from .configs import DetectConfig
+from .logistic import LogisticRegression
 
 
 @dataclass
@@ -288,52 +289,17 @@ def candidate_features(p_cnn: np.ndarray, response: np.ndarray, radius_mm: np.nd
                      np.log(np.maximum(radius_mm, 0.1))], axis=1).reshape(k, len(RESCORE_FEATURES))
 
 
-@dataclass
-class Rescorer:
+class Rescorer(LogisticRegression):
     """p(nodule) from the network's score and the candidate's own evidence: logistic regression on :func:`candidate_features`.
 
     The network has only seen the backgrounds it trained on; the candidate's
     rank by blob-likeness, its LoG response and scale are the same on any
     scanner. Fitted on development data (``lungseg train-det``: the val
-    split), with standardised features and a weak L2 penalty.
+    split), with standardised features and a weak L2 penalty
+    (:class:`lungseg.logistic.LogisticRegression`).
     """
 
-    mean: np.ndarray
-    std: np.ndarray
-    weights: np.ndarray
-    bias: float
-
-    @classmethod
-    def fit(cls, x: np.ndarray, y: np.ndarray, l2: float = 1.0) -> "Rescorer":
-        from scipy.optimize import minimize
-
-        mean, std = x.mean(axis=0), x.std(axis=0) + 1e-9
-        z = (x - mean) / std
-        y = np.asarray(y, np.float64)
-
-        def loss(w):
-            t = z @ w[:-1] + w[-1]
-            grad_t = (1 / (1 + np.exp(-t)) - y) / len(y)
-            value = np.mean(np.logaddexp(0, t) - y * t) + 0.5 * l2 / len(y) * np.sum(w[:-1] ** 2)
-            grad = np.r_[z.T @ grad_t + l2 / len(y) * w[:-1], grad_t.sum()]
-            return value, grad
-
-        w = minimize(loss, np.zeros(x.shape[1] + 1), jac=True, method="L-BFGS-B").x
-        return cls(mean, std, w[:-1], float(w[-1]))
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        t = ((x - self.mean) / self.std) @ self.weights + self.bias
-        return (1 / (1 + np.exp(-t))).astype(np.float32)
-
-    def to_dict(self) -> dict:
-        return {"features": list(RESCORE_FEATURES), "mean": self.mean.tolist(), "std": self.std.tolist(),
-                "weights": self.weights.tolist(), "bias": self.bias}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Rescorer":
-        if tuple(d.get("features", ())) != RESCORE_FEATURES:
-            raise ValueError(f"rescoring features {d.get('features')} are not this lungseg's {RESCORE_FEATURES}")
-        return cls(np.asarray(d["mean"]), np.asarray(d["std"]), np.asarray(d["weights"]), float(d["bias"]))
+    FEATURES = RESCORE_FEATURES
 
 
 def p_nodule(model, rois: np.ndarray, response: np.ndarray, radius_mm: np.ndarray, rescorer: Rescorer | None, *,

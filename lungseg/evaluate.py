@@ -49,6 +49,7 @@ from .device import precision_context, resolve_device
 from .errors import LungsegError
 from .lidc import CHARACTERISTICS, malignancy_label
 from .detect import Rescorer
+from .malignancy import load_hybrid
 from .preprocess import crop
 from .splits import DEFAULT_SPLIT_FILE, read_split, split_scans
 
@@ -349,19 +350,9 @@ def classification_items(cache: Cache, uids, protocol: str = "nodule"):
     return items, np.asarray(labels, np.int64), np.asarray(patients)
 
 
-def evaluate_classification(model, cache: Cache, uids, *, device, precision: str = "auto",
-                            protocol: str = "nodule", n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Table 5's measures with bootstrap 95 % intervals, the confusion matrix, the ROC curve and the calibration."""
-    model.eval()
-    items, labels, patients = classification_items(cache, uids, protocol)
-    if not len(labels):
-        raise LungsegError("no labelled nodules to classify in this split")
-    probs_by_roi: dict[tuple, float] = {}
-    for uid in dict.fromkeys(u for u, _ in items):
-        rois = cache.scan(uid)["rois/image"][()]
-        for j, p in enumerate(_probabilities(model, rois[:, None], device, precision)):
-            probs_by_roi[(uid, j)] = float(p)
-    probs = np.array([probs_by_roi[item] for item in items])
+def _cls_scores(labels: np.ndarray, probs: np.ndarray, patients: np.ndarray, *, n_bootstrap: int,
+                seed: int) -> dict[str, Any]:
+    """Accuracy, recall, specificity and AUC with patient-bootstrap 95 % intervals, and the calibration."""
     pred = (probs >= 0.5).astype(np.int64)
     stats = {
         "accuracy": lambda t, p, s: metrics.accuracy(t, p),
@@ -369,8 +360,7 @@ def evaluate_classification(model, cache: Cache, uids, *, device, precision: str
         "specificity": lambda t, p, s: metrics.specificity(t, p),
         "auc": lambda t, p, s: metrics.roc_auc(t, s),
     }
-    out: dict[str, Any] = {"n": int(len(labels)), "n_malignant": int(labels.sum()),
-                           "n_patients": int(len(set(patients.tolist())))}
+    out: dict[str, Any] = {}
     ci = {}
     for name, fn in stats.items():
         b = metrics.bootstrap_ci(fn, labels, pred, probs, n_resamples=n_bootstrap, seed=seed, groups=patients)
@@ -387,10 +377,45 @@ def evaluate_classification(model, cache: Cache, uids, *, device, precision: str
     calibration["n_bins"] = metrics.CALIBRATION_BINS
     out["calibration"] = calibration
     out["confusion_matrix"] = metrics.confusion_matrix(labels, pred, num_classes=2).tolist()
+    return out
+
+
+def evaluate_classification(model, cache: Cache, uids, *, device, precision: str = "auto",
+                            protocol: str = "nodule", n_bootstrap: int = 1000, seed: int = 0,
+                            hybrid=None) -> dict[str, Any]:
+    """Table 5's measures with bootstrap 95 % intervals, the confusion matrix, the ROC curve and the calibration.
+
+    With a ``hybrid`` (:mod:`lungseg.malignancy`) and a cache that stores the
+    nodules' features, the reported p(malignant) is the hybrid's, and
+    ``network`` holds the same measures for the network alone.
+    """
+    from .malignancy import cache_rois, features_of, probabilities
+
+    model.eval()
+    items, labels, patients = classification_items(cache, uids, protocol)
+    if not len(labels):
+        raise LungsegError("no labelled nodules to classify in this split")
+    uids = list(dict.fromkeys(u for u, _ in items))
+    rois, images, masks = cache_rois(cache, uids)
+    feats = [features_of(cache, uid) for uid in uids]
+    features = np.concatenate(feats) if all(f is not None for f in feats) else None
+    p, q = probabilities(model, images, masks, device=device, precision=precision, features=features, hybrid=hybrid)
+    by_roi = {item: (float(p[i]), None if q is None else float(q[i])) for i, item in enumerate(rois)}
+    p_net = np.array([by_roi[item][0] for item in items])
+    has_hybrid = all(by_roi[item][1] is not None for item in items)
+    probs = np.array([by_roi[item][1] for item in items]) if has_hybrid else p_net
+    out: dict[str, Any] = {"n": int(len(labels)), "n_malignant": int(labels.sum()),
+                           "n_patients": int(len(set(patients.tolist()))),
+                           "p_malignant": "hybrid" if has_hybrid else "network"}
+    out.update(_cls_scores(labels, probs, patients, n_bootstrap=n_bootstrap, seed=seed))
+    if has_hybrid:
+        net = _cls_scores(labels, p_net, patients, n_bootstrap=n_bootstrap, seed=seed)
+        out["network"] = {k: net[k] for k in ("auc", "ci95", "calibration")}
     fpr, tpr, _ = metrics.roc_curve(labels, probs)
     out["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
-    out["items"] = [{"id": f"{uid}/{j}", "patient_id": str(p), "label": int(y), "p_malignant": float(q)}
-                    for (uid, j), p, y, q in zip(items, patients, labels, probs)]
+    out["items"] = [{"id": f"{uid}/{j}", "patient_id": str(pt), "label": int(y), "p_malignant": float(q),
+                     **({"p_network": float(pn)} if has_hybrid else {})}
+                    for (uid, j), pt, y, q, pn in zip(items, patients, labels, probs, p_net)]
     return out
 
 
@@ -538,6 +563,12 @@ def markdown(report: dict[str, Any]) -> str:
             lines += ["", f"Calibration of p(malignant): Brier {cal['brier']:.3f} [{cal['brier_ci95'][0]:.3f}, "
                           f"{cal['brier_ci95'][1]:.3f}], ECE {cal['ece']:.3f} [{cal['ece_ci95'][0]:.3f}, "
                           f"{cal['ece_ci95'][1]:.3f}] ({cal['n_bins']} equal-width bins; calibration.png)"]
+        net = cls.get("network")
+        if net:
+            ncal = net["calibration"]
+            lines += ["", f"p(malignant) above is the hybrid's (network logit + measured size and HU). The network "
+                          f"alone: AUC {net['auc']:.3f} [{net['ci95']['auc'][0]:.3f}, {net['ci95']['auc'][1]:.3f}], "
+                          f"Brier {ncal['brier']:.3f}, ECE {ncal['ece']:.3f}."]
     return "\n".join(lines)
 
 
@@ -572,7 +603,7 @@ def evaluate(cache_path: str | os.PathLike, *, seg: str | os.PathLike | None, cl
         raise LungsegError(f"{cache_path}: no scans of split '{split}' in {split_file}")
     dev = resolve_device(device)
     models, described = {}, {}
-    op = rescore = None
+    op = rescore = hybrid = None
     for kind, path in (("seg", seg), ("cls", cls), ("det", det)):
         if path is not None:
             model, ckpt = load_model(path, kind=kind)
@@ -580,6 +611,8 @@ def evaluate(cache_path: str | os.PathLike, *, seg: str | os.PathLike | None, cl
             models[kind], described[kind] = model.to(dev), describe(path, ckpt)
             if kind == "det":
                 op, rescore = ckpt.get("operating_point"), ckpt.get("rescore")
+            if kind == "cls":
+                hybrid = load_hybrid(ckpt)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
@@ -604,7 +637,7 @@ def evaluate(cache_path: str | os.PathLike, *, seg: str | os.PathLike | None, cl
             plot_froc(report["segmentation"]["froc"], out / "froc.png", f"{Path(cache_path).name}, split {split}")
     if cls is not None:
         result = evaluate_classification(models["cls"], cache, uids, device=dev, precision=precision,
-                                         protocol=protocol, n_bootstrap=n_bootstrap, seed=seed)
+                                         protocol=protocol, n_bootstrap=n_bootstrap, seed=seed, hybrid=hybrid)
         report["classification"] = result
         plot_roc(result, out / "roc.png", f"{Path(cache_path).name}, split {split}, {protocol} protocol")
         plot_calibration(result, out / "calibration.png", f"{Path(cache_path).name}, split {split}, {protocol} protocol")

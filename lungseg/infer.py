@@ -40,14 +40,15 @@ import torch
 from scipy import ndimage
 
 from . import __version__
-from .cache import SIZE_CATEGORIES, equivalent_diameter_mm, size_category
+from .cache import SIZE_CATEGORIES, equivalent_diameter_mm, nodule_features, size_category
 from .checkpoints import check_input, describe, load_model
 from .configs import MODEL_INPUT_FIELDS, DetectConfig, PredictConfig  # noqa: F401  (re-exported)
 from .detect import Rescorer, candidates, finding_masks, p_nodule, segment_rois, suppress
 from .device import precision_context, resolve_device
 from .dicomio import CTVolume, find_series, read_nifti_volume, read_series, write_nifti
 from .errors import LungsegError
-from .preprocess import PreprocessConfig, crop, lung_mask, resample, resampled_shape, roi_start, window
+from .malignancy import load_hybrid, probabilities
+from .preprocess import PreprocessConfig, crop, lung_mask, mask_to_grid, resample, resampled_shape, roi_start, window
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class Models:
     det: torch.nn.Module | None = None             # the detector's false-positive reduction
     operating_point: dict[str, Any] | None = None  # chosen on the detector's development data
     rescorer: Rescorer | None = None               # p(nodule) from the network's score and the candidate's
+    hybrid: Any = None                             # the classifier's hybrid (lungseg.malignancy), if it has one
 
     @classmethod
     def load(cls, seg_path, cls_path, device: str = "auto", det_path=None) -> "Models":
@@ -96,7 +98,7 @@ class Models:
             op = det_ckpt.get("operating_point")
             rescorer = Rescorer.from_dict(det_ckpt["rescore"]) if det_ckpt.get("rescore") else None
             det = det.to(dev)
-        return cls(seg.to(dev), clf.to(dev), config, info, dev, det, op, rescorer)
+        return cls(seg.to(dev), clf.to(dev), config, info, dev, det, op, rescorer, load_hybrid(cls_ckpt))
 
 
 def _gaussian_weights(shape) -> np.ndarray:
@@ -277,14 +279,19 @@ def predict_volume(volume: CTVolume, models: Models, cfg: PredictConfig = Predic
     ratio = np.asarray(volume.spacing) / np.asarray(pre.spacing)
     labels = np.zeros(volume.shape, np.uint16)
     nodules = []
-    rois = []
+    rois, roi_masks, features = [], [], []
     for nid, (box, comp, extra) in enumerate(kept, start=1):
         labels[box][comp] = nid
         idx = np.argwhere(comp) + [b.start for b in box]
         centroid = idx.mean(axis=0)
         volume_mm3 = float(len(idx) * voxel_mm3)
         diameter = equivalent_diameter_mm(volume_mm3)
-        rois.append(crop(image_r, roi_start(centroid * ratio, pre.roi_shape), pre.roi_shape))
+        start = roi_start(centroid * ratio, pre.roi_shape)
+        rois.append(crop(image_r, start, pre.roi_shape))
+        if getattr(models.cls, "in_channels", 1) > 1:     # a classifier that reads the finding's mask too
+            roi_masks.append(crop(mask_to_grid(comp, box, ratio, image_r.shape).astype(np.uint8), start,
+                                  pre.roi_shape))
+        features.append(nodule_features(volume.hu[box], comp, volume.spacing))
         row = {
             "id": nid,
             "centroid_voxel_zyx": [round(float(v), 2) for v in centroid],
@@ -301,20 +308,21 @@ def predict_volume(volume: CTVolume, models: Models, cfg: PredictConfig = Predic
             row["segmentation_confidence"] = round(float(probs[box][comp].mean()), 4)
         nodules.append(row)
     if rois:
-        x = torch.from_numpy(np.stack(rois)[:, None]).to(models.device)
-        models.cls.eval()
-        with torch.no_grad(), precision_context(models.device, cfg.precision):
-            logits = models.cls(x)
-        p = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
-        for row, prob in zip(nodules, p):
-            row["malignancy_probability"] = round(float(prob), 4)
+        p, q = probabilities(models.cls, np.stack(rois), np.stack(roi_masks) if roi_masks else None,
+                             device=models.device, precision=cfg.precision, features=np.stack(features),
+                             hybrid=models.hybrid)
+        for row, prob, hyb in zip(nodules, p, p if q is None else q):
+            row["malignancy_probability"] = round(float(hyb), 4)
+            if q is not None:
+                row["malignancy_probability_network"] = round(float(prob), 4)
     timings["classify_s"] = time.perf_counter() - t
     return Prediction(nodules, labels, lungs.astype(np.uint8), {k: round(v, 3) for k, v in timings.items()})
 
 
 CSV_COLUMNS = ["id", "centroid_z", "centroid_y", "centroid_x", "world_x_mm", "world_y_mm", "world_z_mm",
                "long_axis_mm", "diameter_mm", "volume_mm3", "mean_hu", "size_category", "lung_side",
-               "nodule_probability", "malignancy_probability", "segmentation_confidence"]
+               "nodule_probability", "malignancy_probability", "malignancy_probability_network",
+               "segmentation_confidence"]
 
 
 def _csv_row(n: dict) -> dict:

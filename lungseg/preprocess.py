@@ -31,7 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import lidc
-from .cache import CacheWriter, ScanRecordData, equivalent_diameter_mm, size_category
+from .cache import FEATURES, CacheWriter, ScanRecordData, equivalent_diameter_mm, nodule_features, size_category
 from .configs import MODEL_INPUT_FIELDS, PreprocessConfig, input_mismatch  # noqa: F401  (re-exported)
 from .dicomio import CTVolume, read_series
 from .errors import LungsegError
@@ -299,6 +299,24 @@ def preprocess_composite(folder: str | os.PathLike, cfg: PreprocessConfig = Prep
     return scan_record(volume, masks, rows, cfg, attrs, irrelevant=others)
 
 
+def mask_to_grid(mask: np.ndarray, box: tuple[slice, ...], ratio, shape) -> np.ndarray:
+    """A mask on ``box`` of the original grid, resampled onto the model grid of ``shape`` (bool, full size).
+
+    ``ratio`` = original spacing / model spacing. Only the mask's
+    neighbourhood is resampled (linear, then >= 0.5).
+    """
+    ratio = np.asarray(ratio, float)
+    full = np.zeros(tuple(shape), bool)
+    lo = np.floor(np.array([b.start for b in box]) * ratio).astype(int) - 1
+    hi = np.ceil(np.array([b.stop for b in box]) * ratio).astype(int) + 1
+    lo, hi = np.maximum(lo, 0), np.minimum(hi, shape)
+    coords = np.meshgrid(*[np.arange(a, b) / r - b0.start for a, b, r, b0 in zip(lo, hi, ratio, box)],
+                         indexing="ij")
+    part = ndimage.map_coordinates(mask.astype(np.float32), coords, order=1, mode="constant", cval=0.0)
+    full[tuple(slice(a, b) for a, b in zip(lo, hi))] = part >= 0.5
+    return full
+
+
 def scan_record(volume: CTVolume, masks: Sequence[tuple[np.ndarray, tuple[slice, ...]]], rows: Sequence[dict],
                 cfg: PreprocessConfig, attrs: dict, *, irrelevant: Sequence[dict] = ()) -> ScanRecordData:
     """The cache entry of a volume and its nodules (masks on boxes of the original grid, measured rows).
@@ -310,18 +328,7 @@ def scan_record(volume: CTVolume, masks: Sequence[tuple[np.ndarray, tuple[slice,
     new_shape = resampled_shape(volume.shape, volume.spacing, cfg.spacing)
     hu = resample(volume.hu, volume.spacing, cfg.spacing, shape=new_shape)
     ratio = np.asarray(volume.spacing) / np.asarray(cfg.spacing)
-    nodule_masks = []
-    for mask, box in masks:
-        full = np.zeros(new_shape, bool)
-        # Resample only the nodule's neighbourhood (linear, then >= 0.5).
-        lo = np.floor(np.array([b.start for b in box]) * ratio).astype(int) - 1
-        hi = np.ceil(np.array([b.stop for b in box]) * ratio).astype(int) + 1
-        lo, hi = np.maximum(lo, 0), np.minimum(hi, new_shape)
-        coords = np.meshgrid(*[np.arange(a, b) / r - b0.start for a, b, r, b0 in zip(lo, hi, ratio, box)],
-                             indexing="ij")
-        part = ndimage.map_coordinates(mask.astype(np.float32), coords, order=1, mode="constant", cval=0.0)
-        full[tuple(slice(a, b) for a, b in zip(lo, hi))] = part >= 0.5
-        nodule_masks.append(full)
+    nodule_masks = [mask_to_grid(mask, box, ratio, new_shape) for mask, box in masks]
     union = np.any(nodule_masks, axis=0) if nodule_masks else np.zeros(new_shape, bool)
     lungs = lung_mask(hu, cfg.spacing, threshold=cfg.lung_threshold_hu,
                       closing_mm=cfg.lung_closing_mm, include=union)
@@ -359,6 +366,9 @@ def scan_record(volume: CTVolume, masks: Sequence[tuple[np.ndarray, tuple[slice,
             else (0, 3) if key.startswith("centroid") else (0,)
         arrays[f"nodules/{key}"] = np.asarray(values, dtype) if n else np.zeros(shape, dtype)
     arrays["nodules/centroid_resampled"] = np.asarray(centres, np.float32).reshape(n, 3)
+    # Measured on the original grid: what the malignancy hybrid reads beside the network.
+    arrays["nodules/features"] = np.asarray([nodule_features(volume.hu[box], m, volume.spacing) for m, box in masks],
+                                            np.float32).reshape(n, len(FEATURES))
     arrays["irrelevant/centroid_resampled"] = np.asarray(
         [np.asarray(o["centroid_voxel"]) * ratio for o in irrelevant], np.float32).reshape(len(irrelevant), 3)
     arrays["irrelevant/diameter_mm"] = np.asarray([o["diameter_mm"] for o in irrelevant], np.float32)

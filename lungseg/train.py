@@ -28,6 +28,7 @@ the same losses as an uninterrupted run on the same device.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -52,6 +53,7 @@ from .datasets import CandidateDataset, CandidateSegDataset, EpochSampler, RoiDa
 from .device import precision_context, resolve_device
 from .errors import TrainingError  # noqa: F401  (re-exported)
 from .losses import SegLoss, nll_loss
+from .malignancy import cls_loss
 from .splits import read_split, split_scans
 
 log = logging.getLogger(__name__)
@@ -194,10 +196,12 @@ def predict_cls(model, loader, *, device, precision: str, max_batches: int = 0) 
     model.eval()
     labels, probs = [], []
     for x, y in _batches(loader, max_batches):
+        y = y[:, 0].long() if y.ndim == 2 else y          # [label, ratings] rows: the label
         with precision_context(device, precision):
             out = model(x.to(device))
-        probs.append(torch.softmax(out.float(), dim=1)[:, 1].cpu().numpy())
-        labels.append(y.numpy())
+        keep = (y >= 0).numpy()                            # nodules without a label train the ratings only
+        probs.append(torch.softmax(out.float(), dim=1)[:, 1].cpu().numpy()[keep])
+        labels.append(y.numpy()[keep])
     return np.concatenate(labels), np.concatenate(probs)
 
 
@@ -216,13 +220,19 @@ def validate_cls(model, loader, *, device, precision: str, max_batches: int = 0)
 # --------------------------------------------------------------------------
 
 class ClsLoss:
-    """The classifier's loss (eq. 4, NLL of the softmax), with :class:`SegLoss`'s interface."""
+    """The classifier's loss (eq. 4, NLL of the softmax; plus the ratings' with ``aux_weight``), with
+    :class:`SegLoss`'s interface (:func:`lungseg.malignancy.cls_loss`)."""
+
+    def __init__(self, aux_weight: float = 0.0):
+        self.aux_weight = aux_weight
 
     def kind(self, epoch: int) -> str:
-        return "nll"
+        return "nll+ratings" if self.aux_weight > 0 else "nll"
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor, *, epoch: int) -> torch.Tensor:
-        return nll_loss(logits, target)
+        if target.ndim == 1:
+            return nll_loss(logits, target)
+        return cls_loss(logits, target, self.aux_weight)
 
 
 def _validate_seg(model, loader, loss_fn, cfg: SegConfig, device) -> dict[str, float]:
@@ -234,7 +244,7 @@ def _validate_cls(model, loader, loss_fn, cfg: ClsConfig, device) -> dict[str, f
 
 
 def _cls_metric(val_ds: RoiDataset) -> str:
-    if len(val_ds) and len(set(val_ds.labels.tolist())) < 2:
+    if len(val_ds) and len(set(val_ds.labels[val_ds.labels >= 0].tolist())) < 2:
         log.warning("the validation split holds one class only: choosing the best epoch by accuracy, not AUC")
         return "accuracy"
     return "auc"
@@ -257,8 +267,9 @@ TASKS: dict[type, Task] = {
     SegConfig: Task("seg", lambda cfg: {"subcase": SubcaseDataset, "candidate": CandidateSegDataset}[cfg.patches],
                     "patches", lambda cfg: SegLoss(schedule=cfg.loss, switch_epoch=cfg.switch_epoch),
                     _validate_seg, lambda val_ds: "dice"),
-    ClsConfig: Task("cls", lambda cfg: RoiDataset, "labelled nodules", lambda cfg: ClsLoss(), _validate_cls,
-                    _cls_metric),
+    ClsConfig: Task("cls", lambda cfg: functools.partial(RoiDataset, mask_channel=cfg.mask_channel,
+                                                         ratings=cfg.aux_weight > 0),
+                    "labelled nodules", lambda cfg: ClsLoss(cfg.aux_weight), _validate_cls, _cls_metric),
     DetConfig: Task("det", lambda cfg: CandidateDataset, "candidates", lambda cfg: ClsLoss(), _validate_cls,
                     _cls_metric),
 }
@@ -358,7 +369,9 @@ def fit(cfg: TrainConfig, cache_path: str | os.PathLike, out: str | os.PathLike,
     device = resolve_device(cfg.device)
     _seed_everything(cfg.seed)
     model = cfg.build_model().to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    wd = getattr(cfg, "weight_decay", 0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=wd) if wd else \
+        torch.optim.Adam(model.parameters(), lr=cfg.lr)
     state = {"model": model, "optimizer": optimizer,
              "scheduler": torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.lr_milestones),
                                                                gamma=cfg.lr_gamma),
