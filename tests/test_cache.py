@@ -146,3 +146,23 @@ def test_size_category_of_numbers_and_arrays():
     for bad in ([float("nan")], [-1.0], [float("inf")]):
         with pytest.raises(ValueError):
             cache.size_category(bad)
+
+
+def test_nodule_features_of_a_ball():
+    from lungseg.cache import CALCIFIED_HU, FEATURES, equivalent_diameter_mm, nodule_features
+
+    spacing = (1.0, 0.5, 0.5)
+    z, y, x = np.indices((30, 60, 60)).astype(float)
+    r = np.sqrt(((z - 15) * 1.0) ** 2 + ((y - 30) * 0.5) ** 2 + ((x - 30) * 0.5) ** 2)
+    mask = r <= 8.0
+    hu = np.where(r <= 3.0, CALCIFIED_HU + 100, 0.0)           # a calcified core in soft tissue
+    f = dict(zip(FEATURES, nodule_features(hu, mask, spacing)))
+    assert f["volume_mm3"] == pytest.approx(4 / 3 * np.pi * 8 ** 3, rel=0.03)
+    assert f["diameter_mm"] == pytest.approx(equivalent_diameter_mm(f["volume_mm3"]))
+    assert f["calcified_fraction"] == pytest.approx((3 / 8) ** 3, rel=0.15)
+    assert f["p90_hu"] == 0.0 and f["mean_hu"] > 0 and f["std_hu"] > 0
+    # Voxel faces overstate a sphere's surface (3/r for a sphere); a larger ball has less surface per volume.
+    assert 3 / 8 < f["surface_to_volume"] < 2 * 3 / 8
+    small = dict(zip(FEATURES, nodule_features(hu, r <= 4.0, spacing)))
+    assert small["surface_to_volume"] > f["surface_to_volume"]
+    assert np.isnan(nodule_features(hu, np.zeros_like(mask), spacing)).all()

@@ -1,0 +1,316 @@
+"""Malignancy benchmark: lungseg's nodule classifier against nodule size, on 791 real LIDC-IDRI nodule crops.
+
+    python benchmarks/malignancy.py [--data ../shared/data/nodules] [--out benchmarks/out/malignancy]
+                                    [--models nodule ...] [--stage all|train|report]
+
+Every step is a ``lungseg`` command, printed before it runs (the sequence is
+in ``OUT/commands.sh``):
+
+1. ``lungseg import-crops`` the crop folder into ``OUT/crops.h5``.
+2. For each model and each outer fold k of the committed patient-level folds
+   (``data_manifests/nodules_folds5_seed0_fold{k}.csv``): ``lungseg train-cls
+   --preset nodule`` on the four other folds (itself 5 cross-fitted members,
+   calibrated and stacked on their inner out-of-fold logits: no fold-k
+   patient is seen by any step), then ``lungseg evaluate`` on fold k.
+3. The final model: the same command on all patients (``_all.csv``):
+   ``OUT/final/model.pt``.
+4. Report: per fold and pooled out-of-fold AUC with 95 % patient-bootstrap
+   intervals for the network alone, the hybrid, and logistic regression on the
+   diameter and on the seven measured features fitted on the same training
+   folds (:class:`lungseg.logistic.LogisticRegression` on the cache's
+   ``nodules/features``); the paired AUC differences (network minus diameter,
+   hybrid minus seven features); calibration (Brier, ECE, reliability
+   diagram); the learning curve (the members' inner validation AUC by epoch);
+   wall time. Written to ``OUT/results.json``, ``OUT/results.md`` and
+   ``benchmarks/figures/malignancy_*.png``.
+
+Resumable: an interrupted run continues where it stopped. Prints figures;
+asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_nodules import FOLD_FILES, K, Runner, lungseg  # noqa: E402  (the same folds and command runner)
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = ROOT / "benchmarks" / "figures"
+SEED, N_BOOT = 0, 1000
+#: name -> extra train-cls options (after --preset nodule)
+MODELS = {
+    "nodule": [],
+    # Ablations: what each ingredient is worth, on the same folds.
+    "nodule-no-mask": ["--no-mask-channel"],
+    "nodule-no-ratings": ["--aux-weight", "0"],
+    "nodule-width8": ["--width", "8"],
+}
+DEFAULT_MODELS = ["nodule"]
+
+
+def train(models: list[str], out: Path, cache: Path, runner: Runner, final: bool, timing: dict,
+          timing_path: Path) -> None:
+    env = {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+    seconds = timing.setdefault("train", {})
+    jobs = [(name, f"fold{k}") for name in models for k in range(K)]
+    if final:
+        jobs.append(("nodule", "all"))
+    for name, fold in jobs:
+        run = out / "final" if fold == "all" else out / "cv" / name / fold
+        if (run / "model.pt").exists():
+            continue
+        run.mkdir(parents=True, exist_ok=True)
+        cmd = lungseg("train-cls", "--cache", cache, "--split-file", FOLD_FILES[fold], "--preset", "nodule",
+                      *MODELS[name], "--out", run, *(["--resume"] if any(run.glob("member*/last.pt")) else []))
+        seconds[f"{name}/{fold}"] = runner(cmd, env=env, log_file=run.parent / f"{run.name}.log")
+        print(f"  {name}/{fold}: {seconds[f'{name}/{fold}']:.0f} s", flush=True)
+        timing_path.write_text(json.dumps(timing, indent=2))
+        if fold != "all":
+            dest = out / "eval" / name / fold
+            dest.mkdir(parents=True, exist_ok=True)
+            runner(lungseg("evaluate", "--cache", cache, "--cls", run / "model.pt", "--split", "test",
+                           "--split-file", FOLD_FILES[fold], "--bootstrap", 200, "--out", dest), env=env,
+                   log_file=dest / "evaluate.log")
+
+
+# --------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------
+
+def _rows(out: Path, name: str) -> list[dict] | None:
+    """Out-of-fold rows (id, patient, fold, label, p_network, p_hybrid) of a model whose folds are all evaluated."""
+    rows = []
+    for k in range(K):
+        path = out / "eval" / name / f"fold{k}" / "evaluation.json"
+        if not path.exists():
+            return None
+        for r in json.loads(path.read_text())["classification"]["items"]:
+            rows.append({"id": r["id"], "patient_id": r["patient_id"], "fold": k, "label": r["label"],
+                         "p_network": r.get("p_network", r["p_malignant"]), "p_hybrid": r["p_malignant"]})
+    return rows
+
+
+def _baselines(cache_path: Path, rows: list[dict]) -> dict[str, np.ndarray]:
+    """Out-of-fold p of logistic regression on the diameter and on the seven features, same folds and rows."""
+    from lungseg.cache import FEATURES, Cache
+    from lungseg.logistic import LogisticRegression
+
+    with Cache(cache_path) as cache:
+        feats = {}
+        for uid in cache.series_uids:
+            f = cache.scan(uid)["nodules/features"][()]
+            for j in range(len(f)):
+                feats[f"{uid}/{j}"] = f[j]
+    x7 = np.stack([feats[r["id"]] for r in rows]).astype(float)
+    y = np.array([r["label"] for r in rows])
+    fold = np.array([r["fold"] for r in rows])
+    out = {}
+    for name, cols in (("lr-diameter", [FEATURES.index("diameter_mm")]), ("lr-7-features", list(range(7)))):
+        p = np.zeros(len(y))
+        for k in range(K):
+            tr, te = fold != k, fold == k
+            p[te] = LogisticRegression.fit(x7[tr][:, cols], y[tr], l2=1e-3)(x7[te][:, cols])
+        out[name] = p
+    return out
+
+
+def _ci(fn, *arrays, groups) -> list[float]:
+    from lungseg import metrics
+
+    b = metrics.bootstrap_ci(fn, *arrays, n_resamples=N_BOOT, seed=SEED, groups=groups)
+    return [b.estimate, b.low, b.high]
+
+
+def _learning_curve(out: Path, name: str) -> dict[str, list[float]]:
+    """Mean and sd over the members of all outer folds of the inner validation AUC, by epoch."""
+    from lungseg.train import read_log
+
+    curves = [[r.get("auc", np.nan) for r in read_log(log)] for log in sorted((out / "cv" / name).glob("fold*/member*/log.jsonl"))]
+    n = min(map(len, curves)) if curves else 0
+    a = np.array([c[:n] for c in curves], float)
+    return {"epoch": list(range(1, n + 1)), "mean": np.nanmean(a, 0).tolist() if n else [],
+            "sd": np.nanstd(a, 0).tolist() if n else [], "members": len(curves)}
+
+
+def report(models: list[str], out: Path, cache: Path) -> dict:
+    import torch
+
+    from lungseg import metrics
+
+    auc = lambda t, s: metrics.roc_auc(t, s)  # noqa: E731
+    results = {"data": "791 real LIDC-IDRI nodule crops (../shared/data/nodules); 507 labelled (majority malignancy "
+                       "1-2 benign, 4-5 malignant, 3 unlabelled: used for the ratings only)",
+               "protocol": f"patient-level {K}-fold cross-validation (data_manifests/nodules_folds5_seed0*.csv), "
+                           "out-of-fold predictions pooled; 95 % percentile bootstrap over patients "
+                           f"({N_BOOT} resamples); paired differences resample the same patients",
+               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                           "torch": torch.__version__, "python": platform.python_version()},
+               "models": {}}
+    timing = json.loads((out / "timing.json").read_text()) if (out / "timing.json").exists() else {}
+    for name in models:
+        rows = _rows(out, name)
+        if rows is None:
+            continue
+        y = np.array([r["label"] for r in rows])
+        g = np.array([r["patient_id"] for r in rows])
+        fold = np.array([r["fold"] for r in rows])
+        p = {"network": np.array([r["p_network"] for r in rows]), "hybrid": np.array([r["p_hybrid"] for r in rows]),
+             **_baselines(cache, rows)}
+        entry = {"n": len(y), "n_malignant": int(y.sum()), "n_patients": len(set(g.tolist())), "auc": {},
+                 "fold_auc": {}, "calibration": {}}
+        for key, q in p.items():
+            entry["auc"][key] = _ci(auc, y, q, groups=g)
+            entry["fold_auc"][key] = [auc(y[fold == k], q[fold == k]) for k in range(K)]
+            entry["calibration"][key] = {"brier": _ci(metrics.brier_score, y, q, groups=g),
+                                         "ece": _ci(metrics.expected_calibration_error, y, q, groups=g)}
+        entry["paired"] = {
+            "network - lr-diameter": _ci(lambda t, a, b: auc(t, a) - auc(t, b), y, p["network"], p["lr-diameter"],
+                                         groups=g),
+            "hybrid - lr-7-features": _ci(lambda t, a, b: auc(t, a) - auc(t, b), y, p["hybrid"], p["lr-7-features"],
+                                          groups=g),
+            "hybrid - network": _ci(lambda t, a, b: auc(t, a) - auc(t, b), y, p["hybrid"], p["network"], groups=g),
+        }
+        entry["learning_curve"] = _learning_curve(out, name)
+        entry["train_seconds"] = sum(v for k, v in timing.get("train", {}).items() if k.startswith(f"{name}/fold"))
+        entry["_p"] = {k: v.tolist() for k, v in p.items()}
+        entry["_y"] = y.tolist()
+        results["models"][name] = entry
+    final = out / "final" / "model.pt"
+    if final.exists():
+        from lungseg.checkpoints import load_checkpoint, sha256
+
+        ckpt = load_checkpoint(final, kind="cls")
+        results["final"] = {"path": str(final.relative_to(ROOT)), "sha256": sha256(final), **ckpt["val"],
+                            "train_seconds": timing.get("train", {}).get("nodule/all")}
+    return results
+
+
+def plot(results: dict, name: str = "nodule") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lungseg import metrics
+
+    entry = results["models"].get(name)
+    if not entry:
+        return
+    y = np.array(entry["_y"])
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.3))
+    ax = axes[0]
+    for key, q in entry["_p"].items():
+        fpr, tpr, _ = metrics.roc_curve(y, np.array(q))
+        a = entry["auc"][key]
+        ax.plot(fpr, tpr, "--" if key.startswith("lr-") else "-", label=f"{key} {a[0]:.3f} [{a[1]:.3f}, {a[2]:.3f}]")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(f"benign vs malignant, {K}-fold CV, out of fold (n={entry['n']})", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    ax = axes[1]
+    for key in ("network", "hybrid", "lr-7-features"):
+        curve = metrics.reliability(y, np.array(entry["_p"][key]))
+        ok = curve["count"] > 0
+        ece = entry["calibration"][key]["ece"][0]
+        ax.plot(curve["mean_predicted"][ok], curve["observed"][ok], "o-", label=f"{key} (ECE {ece:.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("mean p(malignant) in bin")
+    ax.set_ylabel("observed malignant fraction")
+    ax.set_title("reliability, pooled out of fold", fontsize=9)
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    lc = entry["learning_curve"]
+    if lc["epoch"]:
+        m, s = np.array(lc["mean"]), np.array(lc["sd"])
+        ax.plot(lc["epoch"], m, "o-", ms=3, label=f"members' inner validation AUC (n={lc['members']})")
+        ax.fill_between(lc["epoch"], m - s, m + s, alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("AUC")
+    ax.set_title("learning curve (mean +- sd over members)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    fig.savefig(FIGURES / "malignancy.png", dpi=80)
+    plt.close(fig)
+
+
+def _f(v, digits=3) -> str:
+    return f"{v[0]:.{digits}f} [{v[1]:.{digits}f}, {v[2]:.{digits}f}]"
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Data: {results['data']}. Protocol: {results['protocol']}.", ""]
+    for name, e in results["models"].items():
+        lines += [f"Model `{name}` (train-cls --preset nodule {' '.join(MODELS[name])}): {e['n']} nodules, "
+                  f"{e['n_malignant']} malignant, {e['n_patients']} patients.", "",
+                  "| predictor | pooled AUC [95 % CI] | " + " | ".join(f"fold {k}" for k in range(K))
+                  + " | Brier | ECE |", "|---|---|" + "---|" * K + "---|---|"]
+        for key in e["auc"]:
+            lines.append(f"| {key} | {_f(e['auc'][key])} | " + " | ".join(f"{v:.3f}" for v in e["fold_auc"][key])
+                         + f" | {_f(e['calibration'][key]['brier'])} | {_f(e['calibration'][key]['ece'])} |")
+        lines += ["", "| paired AUC difference | estimate [95 % CI] |", "|---|---|"]
+        lines += [f"| {k} | {_f(v)} |" for k, v in e["paired"].items()]
+        lc = e["learning_curve"]
+        if lc["epoch"]:
+            pick = [i for i in range(len(lc["epoch"])) if (i + 1) % 5 == 0 or i == 0]
+            lines += ["", f"Learning curve (inner validation AUC, mean +- sd over {lc['members']} members): "
+                      + ", ".join(f"epoch {lc['epoch'][i]} {lc['mean'][i]:.3f} +- {lc['sd'][i]:.3f}" for i in pick)]
+        if e["train_seconds"]:
+            lines += ["", f"Wall time of the {K} outer folds (training, 5 members each): "
+                          f"{e['train_seconds'] / 60:.0f} min."]
+        lines.append("")
+    if "final" in results:
+        f = results["final"]
+        lines += [f"Final model `{f['path']}` (all patients, {f['members']} members): out-of-fold AUC of the network "
+                  f"{f['oof_auc_network']:.3f} on {f['n_oof']} labelled nodules, temperature {f['temperature']:.2f}"
+                  + (f", trained in {f['train_seconds'] / 60:.0f} min" if f.get("train_seconds") else "")
+                  + f"; sha256 {f['sha256'][:16]}...", ""]
+    m = results["machine"]
+    lines += [f"Machine: {m['cpu']}, {m['cores']} cores, no GPU; torch {m['torch']}, Python {m['python']}."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "nodules")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "malignancy")
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=sorted(MODELS))
+    parser.add_argument("--no-final", action="store_true", help="skip the final model on all patients")
+    parser.add_argument("--stage", choices=["all", "train", "report"], default="all")
+    args = parser.parse_args()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    runner = Runner(out)
+    cache = out / "crops.h5"
+    timing_path = out / "timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+    if args.stage in ("all", "train"):
+        if not (out / "import.done").exists():
+            timing["import"] = runner(lungseg("import-crops", args.data.resolve(), "--out", cache))
+            (out / "import.done").write_text("")
+        t0 = time.perf_counter()
+        train(args.models, out, cache, runner, not args.no_final, timing, timing_path)
+        timing.setdefault("train_stage_wall_seconds", []).append(round(time.perf_counter() - t0, 1))
+        timing_path.write_text(json.dumps(timing, indent=2))
+    if args.stage in ("all", "report"):
+        results = report(args.models, out, cache)
+        plot(results)
+        public = {**results, "models": {n: {k: v for k, v in e.items() if not k.startswith("_")}
+                                        for n, e in results["models"].items()}}
+        (out / "results.json").write_text(json.dumps(public, indent=2, default=float))
+        text = markdown(results)
+        (out / "results.md").write_text(text + "\n")
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
