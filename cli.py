@@ -182,7 +182,10 @@ def info(cache_file, as_json):
               help="HU of the ROI beyond the crop's edge (air).")
 @click.option("--indeterminate", type=click.Choice(["excluded", "benign", "malignant"]), default="excluded",
               show_default=True, help="Label of a nodule whose majority malignancy is 3.")
-def import_crops(crop_dir, out, spacing, window, roi_shape, pad_hu, indeterminate):
+@click.option("--context", "context", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A background CT series (repeatable): place each crop in its aerated lung, blended as "
+                   "lungseg composite blends, instead of padding the ROI with air.")
+def import_crops(crop_dir, out, spacing, window, roi_shape, pad_hu, indeterminate, context):
     """Import a folder of nodule crops (image/, mask/, nodules.csv) into an HDF5 cache.
 
     Each crop becomes one cache entry: its ROI at the model spacing, centred on
@@ -194,7 +197,7 @@ def import_crops(crop_dir, out, spacing, window, roi_shape, pad_hu, indeterminat
 
     try:
         cfg = CropConfig(spacing=spacing, window=window, roi_shape=roi_shape, pad_hu=pad_hu,
-                         indeterminate=indeterminate)
+                         indeterminate=indeterminate, context=context)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     items, problems = find_crops(crop_dir)

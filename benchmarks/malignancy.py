@@ -6,7 +6,9 @@
 Every step is a ``lungseg`` command, printed before it runs (the sequence is
 in ``OUT/commands.sh``):
 
-1. ``lungseg import-crops`` the crop folder into ``OUT/crops.h5``.
+1. ``lungseg import-crops`` the crop folder into ``OUT/crops.h5`` (ROIs padded with air beyond
+   the crop) and, with ``--context``, into ``OUT/crops_context.h5`` (each crop placed in the
+   aerated lung of LIDC-IDRI-0001 or Lung_Dx-A0002, the model ``nodule-context``).
 2. For each model and each outer fold k of the committed patient-level folds
    (``data_manifests/nodules_folds5_seed0_fold{k}.csv``): ``lungseg train-cls
    --preset nodule`` on the four other folds (itself 5 cross-fitted members,
@@ -50,15 +52,21 @@ SEED, N_BOOT = 0, 1000
 MODELS = {
     "nodule": [],
     # Ablations: what each ingredient is worth, on the same folds.
+    "nodule-context": [],                     # the same, on crops placed in real lung instead of air
     "nodule-no-mask": ["--no-mask-channel"],
     "nodule-no-ratings": ["--aux-weight", "0"],
     "nodule-width8": ["--width", "8"],
 }
-DEFAULT_MODELS = ["nodule"]
+DEFAULT_MODELS = ["nodule", "nodule-context"]
+#: Backgrounds of the context crops (CC BY: never the non-commercial RICORD scan).
+CONTEXT = ("lidc/LIDC-IDRI-0001", "ct/Lung_Dx-A0002")
 
 
-def train(models: list[str], out: Path, cache: Path, runner: Runner, final: bool, timing: dict,
-          timing_path: Path) -> None:
+def cache_of(name: str, out: Path) -> Path:
+    return out / ("crops_context.h5" if name.endswith("-context") else "crops.h5")
+
+
+def train(models: list[str], out: Path, runner: Runner, final: bool, timing: dict, timing_path: Path) -> None:
     env = {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     seconds = timing.setdefault("train", {})
     jobs = [(name, f"fold{k}") for name in models for k in range(K)]
@@ -66,6 +74,7 @@ def train(models: list[str], out: Path, cache: Path, runner: Runner, final: bool
         jobs.append(("nodule", "all"))
     for name, fold in jobs:
         run = out / "final" if fold == "all" else out / "cv" / name / fold
+        cache = cache_of(name, out)
         if (run / "model.pt").exists():
             continue
         run.mkdir(parents=True, exist_ok=True)
@@ -141,7 +150,7 @@ def _learning_curve(out: Path, name: str) -> dict[str, list[float]]:
             "sd": np.nanstd(a, 0).tolist() if n else [], "members": len(curves)}
 
 
-def report(models: list[str], out: Path, cache: Path) -> dict:
+def report(models: list[str], out: Path) -> dict:
     import torch
 
     from lungseg import metrics
@@ -160,6 +169,7 @@ def report(models: list[str], out: Path, cache: Path) -> dict:
         rows = _rows(out, name)
         if rows is None:
             continue
+        cache = cache_of(name, out)
         y = np.array([r["label"] for r in rows])
         g = np.array([r["patient_id"] for r in rows])
         fold = np.array([r["fold"] for r in rows])
@@ -290,19 +300,23 @@ def main() -> None:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     runner = Runner(out)
-    cache = out / "crops.h5"
     timing_path = out / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
     if args.stage in ("all", "train"):
-        if not (out / "import.done").exists():
-            timing["import"] = runner(lungseg("import-crops", args.data.resolve(), "--out", cache))
-            (out / "import.done").write_text("")
+        shared = args.data.resolve().parent
+        for name in dict.fromkeys(cache_of(m, out).name for m in args.models):
+            done = out / f"{name}.done"
+            if not done.exists():
+                context = [a for c in CONTEXT for a in ("--context", shared / c)] if "context" in name else []
+                timing[f"import {name}"] = runner(lungseg("import-crops", args.data.resolve(), "--out", out / name,
+                                                          *context))
+                done.write_text("")
         t0 = time.perf_counter()
-        train(args.models, out, cache, runner, not args.no_final, timing, timing_path)
+        train(args.models, out, runner, not args.no_final, timing, timing_path)
         timing.setdefault("train_stage_wall_seconds", []).append(round(time.perf_counter() - t0, 1))
         timing_path.write_text(json.dumps(timing, indent=2))
     if args.stage in ("all", "report"):
-        results = report(args.models, out, cache)
+        results = report(args.models, out)
         plot(results)
         public = {**results, "models": {n: {k: v for k, v in e.items() if not k.startswith("_")}
                                         for n, e in results["models"].items()}}

@@ -526,5 +526,67 @@ def composite_many(backgrounds: Sequence[str | os.PathLike], crop_dir: str | os.
             yield case, "done", write_composite(out, bg, hu, labels, rows, case=case, seed=seed, cfg=cfg)
 
 
+# --------------------------------------------------------------------------
+# One nodule in real surroundings, on the model grid (import-crops --context)
+# --------------------------------------------------------------------------
+
+def context_scene(folder: str | os.PathLike, spacing: Sequence[float], db: lidc.LidcDatabase | None = None
+                  ) -> tuple[str, _Scene]:
+    """A background resampled to the model grid of ``spacing``, ready for :func:`in_context`: (name, scene)."""
+    from .preprocess import mask_to_grid, resample, resampled_shape
+
+    bg = load_background(folder, db)
+    volume = bg.volume
+    spacing = np.asarray(spacing, float)
+    shape = resampled_shape(volume.shape, volume.spacing, spacing)
+    hu = resample(volume.hu, volume.spacing, spacing, shape=shape).astype(np.float32)
+    ratio = np.asarray(volume.spacing) / spacing
+    occupied = np.zeros(shape, bool)
+    for n in bg.own:
+        occupied |= mask_to_grid(n["mask"], n["box"], ratio, shape)
+    lungs = lung_mask(hu, spacing, include=occupied)
+    vessels = lungs & (hu >= VESSEL_HU) & ~occupied
+    wall = ndimage.distance_transform_edt(lungs, sampling=spacing).astype(np.float32)
+    vessel = ndimage.distance_transform_edt(~vessels, sampling=spacing).astype(np.float32) if vessels.any() \
+        else np.full(shape, np.inf, np.float32)
+    return bg.name, _Scene(hu, lungs, spacing, wall, vessel, occupied, np.zeros(shape, np.uint16))
+
+
+def in_context(hu: np.ndarray, mask: np.ndarray, spacing: Sequence[float], scene: _Scene, roi_shape: Sequence[int],
+               rng: np.random.Generator, cfg: CompositeConfig = CompositeConfig()) -> tuple[np.ndarray, np.ndarray]:
+    """A crop placed in a background's lung parenchyma: (ROI HU, ROI mask) on the scene's grid.
+
+    The crop is resampled unscaled and unturned (its size is what a classifier
+    must read), placed where it fits as :func:`compose` places a
+    ``parenchyma`` nodule, blended in, and the ROI of ``roi_shape`` is cut
+    around its mask's centroid (:func:`lungseg.preprocess.roi_start`). The
+    scene is left as it was.
+    """
+    from .preprocess import crop, roi_start
+
+    pasted = transform_crop(hu, mask, spacing, scene.spacing, scale=1.0, angle_deg=0.0, flips=(False, False, False))
+    radius = equivalent_diameter_mm(float(pasted.mask.sum() * np.prod(scene.spacing))) / 2
+    grown = ndimage.distance_transform_edt(~pasted.mask, sampling=scene.spacing) <= cfg.margin_mm
+    for centre in _candidate_centres(scene, "parenchyma", radius, cfg, rng, cfg.tries):
+        start = np.round(centre - pasted.centre).astype(int)
+        fit = _fits(scene, pasted, grown, start, "parenchyma", cfg)
+        if fit is not None:
+            break
+    else:
+        raise LungsegError(f"no room for a {2 * radius:.0f} mm nodule in the background's aerated lung")
+    dst, src = fit
+    saved = scene.hu[dst].copy(), scene.occupied[dst].copy(), scene.labels[dst].copy()
+    try:
+        m = paste(scene, pasted, dst, src, 1, cfg)
+        full = np.zeros(scene.hu.shape, bool)
+        full[dst] = m
+        centroid = np.argwhere(m).mean(axis=0) + [d.start for d in dst]
+        first = roi_start(centroid, roi_shape)
+        return crop(scene.hu, first, roi_shape, fill=-1000.0), crop(full, first, roi_shape)
+    finally:
+        scene.hu[dst], scene.occupied[dst], scene.labels[dst] = saved
+
+
 __all__ = ["CompositeConfig", "PLACEMENTS", "Background", "background_name", "load_background", "transform_crop", "blend_weight",
-           "compose", "write_composite", "read_composite", "find_composites", "select_crops", "composite_many"]
+           "compose", "write_composite", "read_composite", "find_composites", "select_crops", "composite_many",
+           "context_scene", "in_context"]

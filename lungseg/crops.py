@@ -84,11 +84,13 @@ class CropConfig:
     roi_shape: tuple[int, int, int] = PreprocessConfig.roi_shape
     pad_hu: float = -1000.0
     indeterminate: str = "excluded"          # what a majority malignancy of 3 becomes
+    context: tuple[str, ...] = ()            # background series: place each crop in real lung instead of air
 
     def __post_init__(self):
         PreprocessConfig(spacing=self.spacing, window=self.window, roi_shape=self.roi_shape)  # validates
         if self.indeterminate not in INDETERMINATE:
             raise ValueError(f"indeterminate must be one of {sorted(INDETERMINATE)}, got {self.indeterminate!r}")
+        object.__setattr__(self, "context", tuple(str(c) for c in self.context))
 
     def cache_config(self) -> dict:
         """The cache's settings: a :class:`PreprocessConfig` whose sub-case is the ROI, plus the crop fields.
@@ -99,7 +101,8 @@ class CropConfig:
         """
         base = PreprocessConfig(spacing=self.spacing, window=self.window, subcase_shape=self.roi_shape,
                                 roi_shape=self.roi_shape).to_dict()
-        return {**base, "source": "crops", "pad_hu": self.pad_hu, "indeterminate": self.indeterminate}
+        return {**base, "source": "crops", "pad_hu": self.pad_hu, "indeterminate": self.indeterminate,
+                **({"context": [Path(c).name for c in self.context]} if self.context else {})}
 
 
 @dataclass(frozen=True)
@@ -187,8 +190,13 @@ def read_crop(image_path: str | os.PathLike, mask_path: str | os.PathLike) -> tu
 
 
 def import_crop(image_path: str | os.PathLike, mask_path: str | os.PathLike, row: CropRow,
-                cfg: CropConfig = CropConfig()) -> ScanRecordData:
-    """One crop and its mask as a cache entry (see the module docstring)."""
+                cfg: CropConfig = CropConfig(), scenes: Sequence | None = None) -> ScanRecordData:
+    """One crop and its mask as a cache entry (see the module docstring).
+
+    With ``scenes`` (:func:`lungseg.composite.context_scene` of each of
+    ``cfg.context``) the ROI is the crop placed in the lung of one of them,
+    drawn from the crop's name, instead of the crop padded with air.
+    """
     image_path = Path(image_path)
     volume, mask = read_crop(image_path, mask_path)
     hu = volume.hu
@@ -221,6 +229,17 @@ def import_crop(image_path: str | os.PathLike, mask_path: str | os.PathLike, row
         log.info("%s: mask thinner than one resampled slice; kept its %d most covered voxel(s)",
                  row.name, int(roi_mask.sum()))
 
+    background = ""
+    if scenes:
+        from .composite import _rng, in_context
+
+        rng = _rng(0, row.name, 0)
+        background, scene = scenes[int(rng.integers(len(scenes)))]
+        try:
+            roi_hu, roi_mask = in_context(hu, mask, volume.spacing, scene, cfg.roi_shape, rng)
+        except LungsegError as exc:
+            raise LungsegError(f"{image_path}: {exc} ({background})") from None
+        inside, rescued = np.ones(roi_mask.shape, bool), False
     image = window(roi_hu, *cfg.window).astype(np.float16)[None]
     m = roi_mask.astype(np.uint8)[None]
     start = np.zeros((1, 3), np.int32)
@@ -264,6 +283,7 @@ def import_crop(image_path: str | os.PathLike, mask_path: str | os.PathLike, row
         "n_nodules": 1,
         "crop_fraction": float(inside.mean()),
         "mask_rescued": bool(rescued),
+        "context": background,
     }
     return ScanRecordData(series_uid=row.name, attrs=attrs, arrays=arrays)
 
@@ -305,12 +325,18 @@ def import_crops(folder: str | os.PathLike, out: str | os.PathLike, cfg: CropCon
         items, _ = find_crops(folder)
     writer = CacheWriter(out, cfg.cache_config())
     done = writer.done()
+    scenes = None
     for row, image, mask in items:
         if row.name in done:
             yield CropResult(row.name, "skipped", "already in the cache")
             continue
+        if cfg.context and scenes is None:
+            from .composite import context_scene
+
+            with lidc.LidcDatabase() as db:      # an LIDC background's own nodules are no place for a crop
+                scenes = [context_scene(folder, cfg.spacing, db) for folder in cfg.context]
         try:
-            record = import_crop(image, mask, row, cfg)
+            record = import_crop(image, mask, row, cfg, scenes)
         except LungsegError as exc:
             yield CropResult(row.name, "failed", str(exc))
             continue

@@ -143,3 +143,26 @@ def test_refusals(tmp_path, nodule_dir):
         composite.select_crops(nodule_dir, {"Z-9"})
     with pytest.raises(ValueError):
         CompositeConfig(scale_min=1.3, scale_max=1.2)
+
+
+def test_in_context_places_a_crop_in_lung_and_leaves_the_scene_as_it_was(tiny_lidc, nodule_dir):
+    root, db_path = tiny_lidc
+    with lidc.LidcDatabase(db_path) as db:
+        name, scene = composite.context_scene(root / "LIDC-IDRI-9001", PreprocessConfig.spacing, db)
+    assert name == "LIDC-IDRI-9001" and scene.occupied.any()             # its own nodule is no place for a crop
+    before = scene.hu.copy()
+    volume, mask = dicomio.read_nifti_volume(nodule_dir / "image" / "A-1_R_1.nii.gz", min_hu_below=None), None
+    mask, _ = dicomio.read_nifti_mask(nodule_dir / "mask" / "A-1_R_1.nii.gz")
+    roi_shape = (8, 24, 24)
+    roi_hu, roi_mask = composite.in_context(volume.hu, mask > 0, volume.spacing, scene, roi_shape,
+                                            np.random.default_rng(0), CFG)
+    np.testing.assert_array_equal(scene.hu, before)
+    assert roi_hu.shape == roi_mask.shape == roi_shape and roi_mask.any()
+    centroid = np.argwhere(roi_mask).mean(axis=0)
+    assert np.all(np.abs(centroid - np.asarray(roi_shape) // 2) <= 1)        # centred by the library's rule
+    assert roi_hu[roi_mask].mean() > -200                                     # the nodule's soft tissue
+    around = ~ndimage.binary_dilation(roi_mask, iterations=2)
+    assert (roi_hu[around] > -1000).any() and roi_hu[around].std() > 0         # real surroundings, not air padding
+    # Same size on the model grid as the crop itself.
+    crop_mm3 = float((mask > 0).sum() * np.prod(volume.spacing))
+    assert roi_mask.sum() * np.prod(PreprocessConfig.spacing) == pytest.approx(crop_mm3, rel=0.35)

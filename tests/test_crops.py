@@ -164,3 +164,21 @@ def test_cli_import_folds_train_without_val_and_evaluate_all(crop_dir, tmp_path,
     assert all(0 <= i["p_malignant"] <= 1 for i in items)
     with pytest.raises(LungsegError, match="majority ratings only"):
         evaluate.classification_items(Cache(out), ["P-1_R_1"], "annotation")
+
+
+def test_context_import_places_crops_in_a_background(crop_dir, tiny_lidc, tmp_path):
+    root, _ = tiny_lidc
+    cfg = crops.CropConfig(roi_shape=(8, 24, 24), context=(str(root / "LIDC-IDRI-9001"),))
+    items, _ = crops.find_crops(crop_dir)
+    items = [i for i in items if i[0].name in ("P-1_R_1", "P-2_R_1")]
+    results = list(crops.import_crops(crop_dir, tmp_path / "c.h5", cfg, items=items))
+    assert [r.status for r in results] == ["done", "done"], results
+    with Cache(tmp_path / "c.h5") as c:
+        assert c.config["context"] == ["LIDC-IDRI-9001"]
+        g = c.scan("P-1_R_1")
+        assert g.attrs["context"] == "LIDC-IDRI-9001" and g.attrs["crop_fraction"] == 1.0
+        image, mask = g["rois/image"][0].astype(float), g["rois/mask"][0] > 0
+        assert mask.any() and (image[~mask] > 0).mean() > 0.25    # lung and chest (the phantom is thin), not air (0)
+    # A cache of air-padded crops is not extended with crops in context.
+    with pytest.raises(Exception, match="other"):
+        list(crops.import_crops(crop_dir, tmp_path / "c.h5", crops.CropConfig(roi_shape=(8, 24, 24)), items=items))
