@@ -233,43 +233,18 @@ def pooled(models: list[str], out: Path) -> dict[str, dict]:
 # Baselines on the same folds: mask features + logistic regression, HU threshold
 # --------------------------------------------------------------------------
 
-FEATURES = ("volume_mm3", "diameter_mm", "mean_hu", "std_hu", "p90_hu", "calcified_fraction", "surface_to_volume")
-
-
 def mask_features(hu: np.ndarray, mask: np.ndarray, spacing) -> dict[str, float]:
-    """Seven simple features of one nodule on its crop's own grid."""
-    from lungseg.cache import equivalent_diameter_mm
+    """Seven simple features of one nodule on its crop's own grid (:func:`lungseg.cache.nodule_features`)."""
+    from lungseg.cache import FEATURES, nodule_features
 
-    voxel = float(np.prod(spacing))
-    volume = float(mask.sum()) * voxel
-    values = hu[mask].astype(float)
-    faces = 0.0
-    for axis in range(3):
-        padded = np.pad(mask, [(1, 1) if a == axis else (0, 0) for a in range(3)])
-        area = voxel / spacing[axis]
-        faces += float(np.count_nonzero(np.diff(padded.astype(np.int8), axis=axis))) * area
-    return {"volume_mm3": volume, "diameter_mm": equivalent_diameter_mm(volume), "mean_hu": values.mean(),
-            "std_hu": values.std(), "p90_hu": float(np.percentile(values, 90)),
-            "calcified_fraction": float((values >= 200).mean()), "surface_to_volume": faces / volume}
+    return dict(zip(FEATURES, map(float, nodule_features(hu, mask, spacing))))
 
 
-def logistic_fit_predict(x_train, y_train, x_test, l2: float = 1e-3, iterations: int = 50) -> np.ndarray:
-    """L2-regularised logistic regression by Newton's method on standardised features."""
-    mean, std = x_train.mean(0), x_train.std(0) + 1e-12
-    a = np.c_[np.ones(len(x_train)), (x_train - mean) / std]
-    b = np.c_[np.ones(len(x_test)), (x_test - mean) / std]
-    w = np.zeros(a.shape[1])
-    penalty = l2 * np.eye(len(w))
-    penalty[0, 0] = 0.0
-    for _ in range(iterations):
-        p = 1 / (1 + np.exp(-a @ w))
-        grad = a.T @ (p - y_train) + penalty @ w
-        hess = (a * (p * (1 - p))[:, None]).T @ a + penalty
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.abs(step).max() < 1e-8:
-            break
-    return 1 / (1 + np.exp(-b @ w))
+def logistic_fit_predict(x_train, y_train, x_test, l2: float = 1e-3) -> np.ndarray:
+    """Logistic regression (:class:`lungseg.logistic.LogisticRegression`, nearly unpenalised) fitted and applied."""
+    from lungseg.logistic import LogisticRegression
+
+    return LogisticRegression.fit(x_train, y_train, l2=l2)(x_test)
 
 
 def threshold_segment(hu: np.ndarray, centre, threshold_hu: float = -500.0) -> np.ndarray:
@@ -321,6 +296,8 @@ def baselines(out: Path, cache_path: Path, data: Path) -> dict[str, list[dict]]:
             seg_crop.append({"id": f"{uid}/0", "patient_id": patient, "diameter_mm": diameter,
                              **metrics.segmentation_scores(mask, pred)})
     results = {"threshold-500HU-roi": seg_roi, "threshold-500HU-crop": seg_crop}
+    from lungseg.cache import FEATURES
+
     for name, cols in (("lr-diameter", ["diameter_mm"]), ("lr-7-features", list(FEATURES))):
         x = np.array([[r[c] for c in cols] for r in cls_rows], float)
         y = np.array([r["label"] for r in cls_rows], float)

@@ -8,7 +8,12 @@ The pipeline of paper A, Fig. 1, on one CT series:
    sub-case size, probabilities blended with Gaussian weights;
 3. probabilities back on the original grid, threshold inside the lung mask,
    connected components; those smaller than ``min_volume_mm3`` dropped;
-4. one ROI per component, classified by the 3D ResNet50;
+4. one ROI per component, classified by the classifier checkpoint: paper A's
+   3D ResNet50 on the ROI, or lungseg's own (:mod:`lungseg.malignancy`) on the
+   ROI and the component's mask, whose ``malignancy_probability`` is its
+   hybrid's (the network's logit with the component's measured size and HU
+   features, on the original grid), with the network's alone in
+   ``malignancy_probability_network``;
 5. the report: ``nodules.json`` and ``nodules.csv`` (positions in voxel indices
    of the original series and in world LPS mm), a nodule label mask and a lung
    mask as NIfTI on the original grid (they overlay the source in viewers), one
