@@ -14,8 +14,8 @@ in ``OUT/commands.sh``):
    --preset nodule`` on the four other folds (itself 5 cross-fitted members,
    calibrated and stacked on their inner out-of-fold logits: no fold-k
    patient is seen by any step), then ``lungseg evaluate`` on fold k.
-3. The final model: the same command on all patients (``_all.csv``):
-   ``OUT/final/model.pt``.
+3. The final model (``--final``, default ``nodule``): the same command on all patients
+   (``_all.csv``): ``OUT/final/<model>/model.pt``.
 4. Report: per fold and pooled out-of-fold AUC with 95 % patient-bootstrap
    intervals for the network alone, the hybrid, and logistic regression on the
    diameter and on the seven measured features fitted on the same training
@@ -66,14 +66,14 @@ def cache_of(name: str, out: Path) -> Path:
     return out / ("crops_context.h5" if name.endswith("-context") else "crops.h5")
 
 
-def train(models: list[str], out: Path, runner: Runner, final: bool, timing: dict, timing_path: Path) -> None:
+def train(models: list[str], out: Path, runner: Runner, final: str | None, timing: dict, timing_path: Path) -> None:
     env = {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     seconds = timing.setdefault("train", {})
     jobs = [(name, f"fold{k}") for name in models for k in range(K)]
     if final:
-        jobs.append(("nodule", "all"))
+        jobs.append((final, "all"))
     for name, fold in jobs:
-        run = out / "final" if fold == "all" else out / "cv" / name / fold
+        run = out / "final" / name if fold == "all" else out / "cv" / name / fold
         cache = cache_of(name, out)
         if (run / "model.pt").exists():
             continue
@@ -194,13 +194,15 @@ def report(models: list[str], out: Path) -> dict:
         entry["_p"] = {k: v.tolist() for k, v in p.items()}
         entry["_y"] = y.tolist()
         results["models"][name] = entry
-    final = out / "final" / "model.pt"
-    if final.exists():
+    final = next(iter(sorted((out / "final").glob("*/model.pt"))), None)
+    if final is not None:
         from lungseg.checkpoints import load_checkpoint, sha256
 
         ckpt = load_checkpoint(final, kind="cls")
         results["final"] = {"path": str(final.relative_to(ROOT)), "sha256": sha256(final), **ckpt["val"],
-                            "train_seconds": timing.get("train", {}).get("nodule/all")}
+                            "train_seconds": next((v for k, v in timing.get("train", {}).items()
+                                                   if k.endswith("/all")), None),
+                            "cache": ckpt["data"]["cache"]}
     return results
 
 
@@ -294,7 +296,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "nodules")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "malignancy")
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=sorted(MODELS))
-    parser.add_argument("--no-final", action="store_true", help="skip the final model on all patients")
+    parser.add_argument("--final", default="nodule", choices=sorted(MODELS) + ["none"],
+                        help="the model trained on all patients (none: skip it)")
     parser.add_argument("--stage", choices=["all", "train", "report"], default="all")
     args = parser.parse_args()
     out = args.out.resolve()
@@ -304,7 +307,7 @@ def main() -> None:
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
     if args.stage in ("all", "train"):
         shared = args.data.resolve().parent
-        for name in dict.fromkeys(cache_of(m, out).name for m in args.models):
+        for name in dict.fromkeys(cache_of(m, out).name for m in [*args.models, args.final] if m in MODELS):
             done = out / f"{name}.done"
             if not done.exists():
                 context = [a for c in CONTEXT for a in ("--context", shared / c)] if "context" in name else []
@@ -312,7 +315,7 @@ def main() -> None:
                                                           *context))
                 done.write_text("")
         t0 = time.perf_counter()
-        train(args.models, out, runner, not args.no_final, timing, timing_path)
+        train(args.models, out, runner, None if args.final == "none" else args.final, timing, timing_path)
         timing.setdefault("train_stage_wall_seconds", []).append(round(time.perf_counter() - t0, 1))
         timing_path.write_text(json.dumps(timing, indent=2))
     if args.stage in ("all", "report"):
