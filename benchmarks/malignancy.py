@@ -75,15 +75,14 @@ def train(models: list[str], out: Path, runner: Runner, final: str | None, timin
     for name, fold in jobs:
         run = out / "final" / name if fold == "all" else out / "cv" / name / fold
         cache = cache_of(name, out)
-        if (run / "model.pt").exists():
-            continue
-        run.mkdir(parents=True, exist_ok=True)
-        cmd = lungseg("train-cls", "--cache", cache, "--split-file", FOLD_FILES[fold], "--preset", "nodule",
-                      *MODELS[name], "--out", run, *(["--resume"] if any(run.glob("member*/last.pt")) else []))
-        seconds[f"{name}/{fold}"] = runner(cmd, env=env, log_file=run.parent / f"{run.name}.log")
-        print(f"  {name}/{fold}: {seconds[f'{name}/{fold}']:.0f} s", flush=True)
-        timing_path.write_text(json.dumps(timing, indent=2))
-        if fold != "all":
+        if not (run / "model.pt").exists():
+            run.mkdir(parents=True, exist_ok=True)
+            cmd = lungseg("train-cls", "--cache", cache, "--split-file", FOLD_FILES[fold], "--preset", "nodule",
+                          *MODELS[name], "--out", run, *(["--resume"] if any(run.glob("member*/last.pt")) else []))
+            seconds[f"{name}/{fold}"] = runner(cmd, env=env, log_file=run.parent / f"{run.name}.log")
+            print(f"  {name}/{fold}: {seconds[f'{name}/{fold}']:.0f} s", flush=True)
+            timing_path.write_text(json.dumps(timing, indent=2))
+        if fold != "all" and not (out / "eval" / name / fold / "evaluation.json").exists():
             dest = out / "eval" / name / fold
             dest.mkdir(parents=True, exist_ok=True)
             runner(lungseg("evaluate", "--cache", cache, "--cls", run / "model.pt", "--split", "test",
