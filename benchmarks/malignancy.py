@@ -58,6 +58,8 @@ MODELS = {
     "nodule-width8": ["--width", "8"],
 }
 DEFAULT_MODELS = ["nodule", "nodule-context"]
+#: A reference, not a competitor: the readers' own ratings of the nodule (unknown for a new scan).
+REFERENCE = "reference: lr-diameter+8-reader-ratings"
 #: Backgrounds of the context crops (CC BY: never the non-commercial RICORD scan).
 CONTEXT = ("lidc/LIDC-IDRI-0001", "ct/Lung_Dx-A0002")
 
@@ -109,24 +111,31 @@ def _rows(out: Path, name: str) -> list[dict] | None:
 
 def _baselines(cache_path: Path, rows: list[dict]) -> dict[str, np.ndarray]:
     """Out-of-fold p of logistic regression on the diameter and on the seven features, same folds and rows."""
+    from lungseg import lidc
     from lungseg.cache import FEATURES, Cache
     from lungseg.logistic import LogisticRegression
 
     with Cache(cache_path) as cache:
-        feats = {}
+        feats, ratings = {}, {}
         for uid in cache.series_uids:
             f = cache.scan(uid)["nodules/features"][()]
+            r = cache.scan(uid)["nodules/ratings_majority"][()]
             for j in range(len(f)):
-                feats[f"{uid}/{j}"] = f[j]
+                feats[f"{uid}/{j}"], ratings[f"{uid}/{j}"] = f[j], r[j]
     x7 = np.stack([feats[r["id"]] for r in rows]).astype(float)
+    # The readers' own majority votes on the eight characteristics other than malignancy.
+    x8 = np.stack([ratings[r["id"]][: lidc.CHARACTERISTICS.index("malignancy")] for r in rows]).astype(float)
+    x = np.c_[x7, x8]
     y = np.array([r["label"] for r in rows])
     fold = np.array([r["fold"] for r in rows])
     out = {}
-    for name, cols in (("lr-diameter", [FEATURES.index("diameter_mm")]), ("lr-7-features", list(range(7)))):
+    diameter = FEATURES.index("diameter_mm")
+    for name, cols in (("lr-diameter", [diameter]), ("lr-7-features", list(range(7))),
+                       (REFERENCE, [diameter, *range(7, 15)])):
         p = np.zeros(len(y))
         for k in range(K):
             tr, te = fold != k, fold == k
-            p[te] = LogisticRegression.fit(x7[tr][:, cols], y[tr], l2=1e-3)(x7[te][:, cols])
+            p[te] = LogisticRegression.fit(x[tr][:, cols], y[tr], l2=1e-3)(x[te][:, cols])
         out[name] = p
     return out
 
@@ -221,7 +230,8 @@ def plot(results: dict, name: str = "nodule") -> None:
     for key, q in entry["_p"].items():
         fpr, tpr, _ = metrics.roc_curve(y, np.array(q))
         a = entry["auc"][key]
-        ax.plot(fpr, tpr, "--" if key.startswith("lr-") else "-", label=f"{key} {a[0]:.3f} [{a[1]:.3f}, {a[2]:.3f}]")
+        ax.plot(fpr, tpr, ":" if key == REFERENCE else "--" if key.startswith("lr-") else "-",
+                label=f"{key} {a[0]:.3f} [{a[1]:.3f}, {a[2]:.3f}]")
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
