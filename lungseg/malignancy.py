@@ -369,9 +369,8 @@ def train_cross_fit(cfg, cache_path: str | os.PathLike, out: str | os.PathLike, 
         mcfg = dataclasses.replace(cfg, members=0, split_file=str(split_path))
         member_cfgs.append(mcfg)
         last = member_dir / "last.pt"
-        done = last.exists() and train.read_log(member_dir / "log.jsonl")[-1:] and \
-            train.read_log(member_dir / "log.jsonl")[-1]["epoch"] >= cfg.epochs
-        if done:
+        logged = train.read_log(member_dir / "log.jsonl") if last.exists() else []
+        if logged and logged[-1]["epoch"] >= cfg.epochs:          # this member is trained
             continue
         if on_member:
             on_member(j, k)
