@@ -268,14 +268,17 @@ def plot(results: dict, name: str = "nodule") -> None:
     ax.set_title("reliability, pooled out of fold", fontsize=9)
     ax.legend(fontsize=7)
     ax = axes[2]
-    lc = entry["learning_curve"]
-    if lc["epoch"]:
+    for other, e in results["models"].items():
+        lc = e["learning_curve"]
+        if other not in MODELS or not lc["epoch"]:
+            continue
         m, s = np.array(lc["mean"]), np.array(lc["sd"])
-        ax.plot(lc["epoch"], m, "o-", ms=3, label=f"members' inner validation AUC (n={lc['members']})")
-        ax.fill_between(lc["epoch"], m - s, m + s, alpha=0.2)
+        ax.plot(lc["epoch"], m, "o-", ms=3, label=f"{other}: members' inner validation AUC (n={lc['members']})")
+        if other == name:
+            ax.fill_between(lc["epoch"], m - s, m + s, alpha=0.15)
     ax.set_xlabel("epoch")
     ax.set_ylabel("AUC")
-    ax.set_title("learning curve (mean +- sd over members)", fontsize=9)
+    ax.set_title(f"learning curves (mean over members; band: sd of {name})", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     FIGURES.mkdir(parents=True, exist_ok=True)
