@@ -169,6 +169,47 @@ def _learning_curve(out: Path, name: str) -> dict[str, list[float]]:
             "sd": np.nanstd(a, 0).tolist() if n else [], "members": len(curves)}
 
 
+def _ratings(out: Path, name: str, cache_path: Path) -> dict | None:
+    """How well the fold models predict the readers' majority ratings of their held-out nodules (all 791).
+
+    Per characteristic: Spearman's rank correlation (95 % patient-bootstrap interval) and the mean
+    absolute error on the rating scale, pooled over the outer folds.
+    """
+    from scipy.stats import spearmanr
+
+    from lungseg import lidc, metrics
+    from lungseg.cache import Cache
+    from lungseg.checkpoints import load_model
+    from lungseg.malignancy import cache_rois, predicted_ratings
+    from lungseg.splits import read_split, split_scans
+
+    pred, truth, groups = [], [], []
+    with Cache(cache_path) as cache:
+        for k in range(K):
+            model_path = out / "cv" / name / f"fold{k}" / "model.pt"
+            if not model_path.exists():
+                return None
+            model, _ = load_model(model_path, kind="cls")
+            uids = split_scans(cache, read_split(FOLD_FILES[f"fold{k}"]), "test")
+            items, images, masks = cache_rois(cache, uids)
+            r = predicted_ratings(model, images, masks)
+            if r is None:
+                return None
+            pred.append(r)
+            truth.append(np.stack([cache.scan(u)["nodules/ratings_majority"][j] for u, j in items]))
+            groups += [str(cache.scan(u).attrs["patient_id"]) for u, _ in items]
+    pred, truth, groups = np.concatenate(pred), np.concatenate(truth).astype(float), np.array(groups)
+    table = {}
+    for c, char in enumerate(lidc.CHARACTERISTICS):
+        ok = truth[:, c] > 0
+        rho = metrics.bootstrap_ci(lambda t, q: float(spearmanr(t, q)[0]), truth[ok, c], pred[ok, c],
+                                   n_resamples=N_BOOT, seed=SEED, groups=groups[ok])
+        table[char] = {"n": int(ok.sum()), "spearman": [rho.estimate, rho.low, rho.high],
+                       "mae": float(np.abs(truth[ok, c] - pred[ok, c]).mean()),
+                       "mae_predict_mean": float(np.abs(truth[ok, c] - truth[ok, c].mean()).mean())}
+    return table
+
+
 def _epoch_seconds(run: Path) -> float:
     """Seconds of training and validation epochs logged by every member below ``run``."""
     from lungseg.train import read_log
@@ -216,6 +257,7 @@ def report(models: list[str], out: Path) -> dict:
             "hybrid - network": _ci(lambda t, a, b: auc(t, a) - auc(t, b), y, p["hybrid"], p["network"], groups=g),
         }
         entry["learning_curve"] = _learning_curve(out, name) if name in MODELS else _learning_curve(out, "nodule")
+        entry["ratings"] = _ratings(out, name if name in MODELS else "nodule", cache)
         entry["train_seconds"] = _epoch_seconds(out / "cv" / name) if name in MODELS else 0
         entry["fold_wall_seconds"] = {k.split("/")[1]: v for k, v in timing.get("train", {}).items()
                                       if k.startswith(f"{name}/fold")}
@@ -304,6 +346,13 @@ def markdown(results: dict) -> str:
                          + f" | {_f(e['calibration'][key]['brier'])} | {_f(e['calibration'][key]['ece'])} |")
         lines += ["", "| paired AUC difference | estimate [95 % CI] |", "|---|---|"]
         lines += [f"| {k} | {_f(v)} |" for k, v in e["paired"].items()]
+        if e.get("ratings"):
+            lines += ["", "The readers' majority ratings of the held-out nodules (all with a rating, malignancy 3 "
+                          "included), as the ratings head predicts them: Spearman's rho [95 % CI]; mean absolute "
+                          "error, and that of always predicting the mean rating.", "",
+                      "| characteristic | n | Spearman rho | MAE | MAE of the mean |", "|---|---|---|---|---|"]
+            lines += [f"| {c} | {t['n']} | {_f(t['spearman'])} | {t['mae']:.2f} | {t['mae_predict_mean']:.2f} |"
+                      for c, t in e["ratings"].items()]
         lc = e["learning_curve"]
         if lc["epoch"]:
             pick = [i for i in range(len(lc["epoch"])) if (i + 1) % 5 == 0 or i == 0]

@@ -122,12 +122,16 @@ class NoduleNet(nn.Module):
             idx.append(slice(lo, lo + min(size, want)))
         return x[tuple(idx)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 2 + n_aux): the class logits, then the ratings' regression (scaled, see :data:`RATING_SCALE`)."""
         if x.shape[1] != self.in_channels:
             raise ValueError(f"expected {self.in_channels} input channel(s) (image{', mask' * (self.in_channels > 1)}), "
                              f"got {x.shape[1]}")
         h = self.features(self.centre(x)).mean(dim=(2, 3, 4))
-        out = self.head(self.drop(h))
+        return self.head(self.drop(h))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.outputs(x)
         return out if self.training else out[:, : self.num_classes]
 
 
@@ -156,6 +160,24 @@ class NoduleEnsemble(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = torch.stack([tta_logits(m, x) for m in self.members]).mean(0)
         return logits / self.temperature
+
+
+@torch.no_grad()
+def predicted_ratings(model: nn.Module, images: np.ndarray, masks: np.ndarray) -> np.ndarray | None:
+    """(N, 9) readers' ratings (:data:`lungseg.lidc.CHARACTERISTICS` order, rating scale) the network predicts.
+
+    Mean over members and :data:`TTA_FLIPS`; None for a classifier without the ratings' head.
+    """
+    members = list(model.members) if isinstance(model, NoduleEnsemble) else [model]
+    if not all(isinstance(m, NoduleNet) and m.n_aux for m in members):
+        return None
+    out = []
+    for i in range(0, len(images), BATCH):
+        x = model_input(model, images[i:i + BATCH], masks[i:i + BATCH])
+        per = [torch.stack([m.eval().outputs(x.flip(f) if f else x)[:, m.num_classes:] for f in TTA_FLIPS]).mean(0)
+               for m in members]
+        out.append(torch.stack(per).mean(0).numpy())
+    return np.concatenate(out) * RATING_SCALE + RATING_CENTRE if out else np.zeros((0, members[0].n_aux))
 
 
 def model_input(model: nn.Module, images: np.ndarray, masks: np.ndarray | None = None) -> torch.Tensor:
@@ -423,5 +445,5 @@ def train_cross_fit(cfg, cache_path: str | os.PathLike, out: str | os.PathLike, 
 
 
 __all__ = ["FEATURES", "CALCIFIED_HU", "HYBRID_FEATURES", "nodule_features", "hybrid_features", "NoduleNet",
-           "nodulenet", "TTA_FLIPS", "tta_logits", "NoduleEnsemble", "model_input", "load_hybrid", "probabilities", "cache_rois", "majority_ratings", "cls_loss",
+           "nodulenet", "TTA_FLIPS", "tta_logits", "NoduleEnsemble", "model_input", "load_hybrid", "probabilities", "cache_rois", "predicted_ratings", "majority_ratings", "cls_loss",
            "fit_temperature", "inner_folds", "features_of", "train_cross_fit"]

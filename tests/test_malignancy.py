@@ -34,6 +34,18 @@ def test_network_returns_ratings_in_training_only_and_checks_channels():
         assert torch.allclose(ens(x), mean / 2.0, atol=1e-5)
 
 
+def test_predicted_ratings_are_the_ratings_head_on_the_rating_scale():
+    net = malignancy.NoduleNet(width=2, n_aux=9).eval()
+    images, masks = np.random.default_rng(0).random((3, 8, 16, 16)), np.ones((3, 8, 16, 16))
+    r = malignancy.predicted_ratings(malignancy.NoduleEnsemble([net]), images, masks)
+    x = malignancy.model_input(net, images, masks)
+    with torch.no_grad():
+        expected = torch.stack([net.outputs(x.flip(f) if f else x)[:, 2:] for f in malignancy.TTA_FLIPS]).mean(0)
+    assert r.shape == (3, 9) and np.allclose(r, expected.numpy() * malignancy.RATING_SCALE + malignancy.RATING_CENTRE,
+                                             atol=1e-5)
+    assert malignancy.predicted_ratings(malignancy.NoduleNet(width=2, n_aux=0), images, masks) is None
+
+
 def test_model_input_stacks_the_mask_for_two_channel_networks():
     images, masks = np.zeros((2, 4, 8, 8), np.float16), np.ones((2, 4, 8, 8), np.uint8)
     two = malignancy.model_input(malignancy.NoduleNet(width=2), images, masks)
