@@ -300,25 +300,22 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 # Cross-fitting
 # --------------------------------------------------------------------------
 
-def _pool(cache, split: dict[str, str]) -> tuple[list[str], list[str], list[bool]]:
-    """The scans of the split's train and val patients, and (patient, labelled) per nodule for fold balancing."""
-    from .splits import split_scans
+def inner_folds(cache, split_file: str | os.PathLike, k: int, seed: int = 0) -> dict[str, int]:
+    """Patient -> inner fold (0..k-1) over the split file's train and val patients (test patients left out).
 
-    uids = [u for name in ("train", "val") for u in split_scans(cache, split, name)]
+    :func:`lungseg.splits.patient_folds` balances labelled nodules per fold; with
+    every patient in training (an ``_all`` split file) and the same ``k`` and
+    seed these are the folds ``lungseg folds`` writes.
+    """
+    from .splits import patient_folds, read_split, split_scans
+
+    split = read_split(split_file)
     patients, labelled = [], []
-    for uid in uids:
+    for uid in (u for name in ("train", "val") for u in split_scans(cache, split, name)):
         p = str(cache.scan(uid).attrs["patient_id"])
         for lab in cache.nodule_table(uid).get("label", []):
             patients.append(p)
             labelled.append(int(lab) >= 0)
-    return uids, patients, labelled
-
-
-def inner_folds(cache, split_file: str | os.PathLike, k: int, seed: int = 0) -> dict[str, int]:
-    """Patient -> inner fold (0..k-1) over the split file's train and val patients (test patients left out)."""
-    from .splits import patient_folds, read_split
-
-    _, patients, labelled = _pool(cache, read_split(split_file))
     return patient_folds(patients, labelled, k=k, seed=seed)
 
 

@@ -52,7 +52,7 @@ from .configs import ClsConfig, DetConfig, SegConfig, TrainConfig  # noqa: F401 
 from .datasets import CandidateDataset, CandidateSegDataset, EpochSampler, RoiDataset, SubcaseDataset
 from .device import precision_context, resolve_device
 from .errors import TrainingError  # noqa: F401  (re-exported)
-from .losses import SegLoss, nll_loss
+from .losses import SegLoss
 from .malignancy import cls_loss
 from .splits import read_split, split_scans
 
@@ -230,8 +230,6 @@ class ClsLoss:
         return "nll+ratings" if self.aux_weight > 0 else "nll"
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor, *, epoch: int) -> torch.Tensor:
-        if target.ndim == 1:
-            return nll_loss(logits, target)
         return cls_loss(logits, target, self.aux_weight)
 
 
