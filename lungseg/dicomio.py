@@ -756,6 +756,23 @@ def write_series(
     return paths
 
 
+def hu_volume(path: str | os.PathLike, data: np.ndarray, min_hu_below: float | None = -500.0) -> np.ndarray:
+    """Image values read from ``path`` as int16 HU, refused when they do not look like HU.
+
+    Not HU: no voxel below ``min_hu_below`` (a chest CT holds air, about
+    -1000 HU), or, whatever ``min_hu_below``, none below 0 (raw stored values
+    without the rescale). ``None`` for tight crops that may hold no air. The
+    one rule of lungseg's readers of non-DICOM images (NIfTI, MetaImage).
+    """
+    low = float(np.min(data)) if data.size else 0.0
+    if data.size == 0 or (low >= 0 if min_hu_below is None else low > min_hu_below):
+        raise DicomError(f"{path}: values do not look like Hounsfield units (minimum "
+                         f"{low if data.size else 'n/a'}; air should be about -1000)")
+    if data.dtype == np.int16:
+        return data
+    return np.clip(np.round(data), _INT16_MIN, _INT16_MAX).astype(np.int16)
+
+
 def read_nifti_volume(path: str | os.PathLike, *, min_hu_below: float | None = -500.0) -> CTVolume:
     """Read a 3D NIfTI CT image in Hounsfield units as a :class:`CTVolume`.
 
@@ -779,11 +796,7 @@ def read_nifti_volume(path: str | os.PathLike, *, min_hu_below: float | None = -
     direction = affine_lps[:3, :3] / spacing
     if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
         raise DicomError(f"{path}: the NIfTI affine is sheared; resample it to an orthogonal grid first")
-    low = float(np.min(data)) if data.size else 0.0
-    if data.size == 0 or (low >= 0 if min_hu_below is None else low > min_hu_below):
-        raise DicomError(f"{path}: values do not look like Hounsfield units (minimum "
-                         f"{low if data.size else 'n/a'}; air should be about -1000)")
-    hu = np.clip(np.round(data), _INT16_MIN, _INT16_MAX).astype(np.int16)
+    hu = hu_volume(path, data, min_hu_below)
     normal = direction[:, 0]
     origin = affine_lps[:3, 3]
     positions = float(origin @ normal) + spacing[0] * np.arange(hu.shape[0])

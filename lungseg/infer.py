@@ -219,6 +219,28 @@ def _detect(hu_r: np.ndarray, lungs_r: np.ndarray, image_r: np.ndarray, models: 
     return labels_r, extras
 
 
+def nodule_row(volume: CTVolume, nid: int, box: tuple[slice, ...], comp: np.ndarray, lungs: np.ndarray) -> dict:
+    """A finding's report row: id, centroid (voxel, LPS), long axis, diameter, volume, mean HU, size, lung side.
+
+    ``comp`` is the finding's mask within ``box`` of the volume.
+    """
+    idx = np.argwhere(comp) + [b.start for b in box]
+    centroid = idx.mean(axis=0)
+    volume_mm3 = float(len(idx) * np.prod(volume.spacing))
+    diameter = equivalent_diameter_mm(volume_mm3)
+    return {
+        "id": nid,
+        "centroid_voxel_zyx": [round(float(v), 2) for v in centroid],
+        "centroid_world_lps_mm": [round(float(v), 2) for v in volume.voxel_to_world(centroid)],
+        "long_axis_mm": round(_long_axis_mm(comp, volume.spacing), 2),
+        "diameter_mm": round(diameter, 2),
+        "volume_mm3": round(volume_mm3, 1),
+        "mean_hu": round(float(volume.hu[box][comp].mean()), 1),
+        "size_category": SIZE_CATEGORIES[size_category(diameter)][1],
+        "lung_side": _lung_side(volume, centroid, lungs),
+    }
+
+
 def _lung_side(volume: CTVolume, centroid, lungs: np.ndarray) -> str:
     """'left' or 'right' (the patient's): the side of the lungs' midline (LPS x grows to the left)."""
     box = ndimage.find_objects(lungs.astype(np.uint8))
@@ -287,28 +309,14 @@ def predict_volume(volume: CTVolume, models: Models, cfg: PredictConfig = Predic
     rois, roi_masks, features = [], [], []
     for nid, (box, comp, extra) in enumerate(kept, start=1):
         labels[box][comp] = nid
-        idx = np.argwhere(comp) + [b.start for b in box]
-        centroid = idx.mean(axis=0)
-        volume_mm3 = float(len(idx) * voxel_mm3)
-        diameter = equivalent_diameter_mm(volume_mm3)
+        row = {**nodule_row(volume, nid, box, comp, lungs), **extra}
+        centroid = (np.argwhere(comp) + [b.start for b in box]).mean(axis=0)
         start = roi_start(centroid * ratio, pre.roi_shape)
         rois.append(crop(image_r, start, pre.roi_shape))
         if getattr(models.cls, "in_channels", 1) > 1:     # a classifier that reads the finding's mask too
             roi_masks.append(crop(mask_to_grid(comp, box, ratio, image_r.shape).astype(np.uint8), start,
                                   pre.roi_shape))
         features.append(nodule_features(volume.hu[box], comp, volume.spacing))
-        row = {
-            "id": nid,
-            "centroid_voxel_zyx": [round(float(v), 2) for v in centroid],
-            "centroid_world_lps_mm": [round(float(v), 2) for v in volume.voxel_to_world(centroid)],
-            "long_axis_mm": round(_long_axis_mm(comp, volume.spacing), 2),
-            "diameter_mm": round(diameter, 2),
-            "volume_mm3": round(volume_mm3, 1),
-            "mean_hu": round(float(volume.hu[box][comp].mean()), 1),
-            "size_category": SIZE_CATEGORIES[size_category(diameter)][1],
-            "lung_side": _lung_side(volume, centroid, lungs),
-            **extra,
-        }
         if probs is not None:
             row["segmentation_confidence"] = round(float(probs[box][comp].mean()), 4)
         nodules.append(row)
@@ -359,14 +367,28 @@ def nodule_png(volume: CTVolume, labels: np.ndarray, nodule: dict, path: Path) -
     found = f"p(nodule) {nodule['nodule_probability']:.2f}, " if "nodule_probability" in nodule else ""
     side = f"{nodule['lung_side']} lung, " if "lung_side" in nodule else ""
     fig.suptitle(f"nodule {nodule['id']}: {nodule['diameter_mm']:.1f} mm ({nodule['size_category']}), {side}"
-                 f"{found}malignancy {nodule.get('malignancy_probability', float('nan')):.2f}")
+                 f"{found}" + (f"malignancy {nodule['malignancy_probability']:.2f}" if "malignancy_probability" in nodule
+                              else "no malignancy rating"))
     fig.tight_layout()
     fig.savefig(path, dpi=70)
     plt.close(fig)
 
 
-def write_report(out: Path, volume: CTVolume, pred: Prediction, models: Models, cfg: PredictConfig) -> Path:
-    """Write a series' report folder; ``nodules.json`` last, so it marks a complete report."""
+def report_settings(models: Models, cfg: PredictConfig) -> dict:
+    """What a report says of the settings of a prediction with ``models``."""
+    return {"threshold": cfg.threshold, "min_volume_mm3": cfg.min_volume_mm3,
+            "overlap": cfg.overlap, "device": str(models.device), "precision": cfg.precision,
+            **({"detector": {"threshold": cfg.det_threshold if cfg.det_threshold is not None
+                             else (models.operating_point or {}).get("threshold", 0.5),
+                             "operating_point": models.operating_point}} if models.det is not None else {})}
+
+
+def write_report(out: Path, volume: CTVolume, pred: Prediction, *, checkpoints: dict, settings: dict) -> Path:
+    """Write a series' report folder; ``nodules.json`` last, so it marks a complete report.
+
+    The one report format of lungseg: plugins that find nodules another way
+    write theirs with it too, naming their own ``checkpoints`` and ``settings``.
+    """
     out.mkdir(parents=True, exist_ok=True)
     done = out / "nodules.json"
     if done.exists():
@@ -392,12 +414,8 @@ def write_report(out: Path, volume: CTVolume, pred: Prediction, models: Models, 
         "frames": {"centroid_voxel_zyx": "voxel indices (slice, row, column) of the source series",
                    "centroid_world_lps_mm": "DICOM patient coordinates (LPS), mm",
                    "masks": "nodules.nii.gz / lungs.nii.gz on the source grid, NIfTI RAS affine"},
-        "checkpoints": models.checkpoints,
-        "settings": {"threshold": cfg.threshold, "min_volume_mm3": cfg.min_volume_mm3,
-                     "overlap": cfg.overlap, "device": str(models.device), "precision": cfg.precision,
-                     **({"detector": {"threshold": cfg.det_threshold if cfg.det_threshold is not None
-                                      else (models.operating_point or {}).get("threshold", 0.5),
-                                      "operating_point": models.operating_point}} if models.det is not None else {})},
+        "checkpoints": checkpoints,
+        "settings": settings,
         "timings_s": timings,
         "disclaimer": DISCLAIMER,
         "n_nodules": len(pred.nodules),
@@ -453,6 +471,7 @@ def predict(source: str | os.PathLike, seg: str | os.PathLike, cls: str | os.Pat
             load_s = time.perf_counter() - t
             pred = predict_volume(volume, models, cfg)
             pred.timings = {"load_s": round(load_s, 3), **pred.timings}
-            yield job, "done", write_report(folder, volume, pred, models, cfg)
+            yield job, "done", write_report(folder, volume, pred, checkpoints=models.checkpoints,
+                                            settings=report_settings(models, cfg))
         except LungsegError as exc:
             yield job, "failed", str(exc)

@@ -150,3 +150,51 @@ def tiny_trained(tiny_lidc, tmp_path_factory):
     train.fit(train.ClsConfig(width=4, batch_size=2, **common), work / "c.h5", work / "cls")
     return {"root": root, "db": db_path, "cache": work / "c.h5", "split": split,
             "seg": work / "seg" / "best.pt", "cls": work / "cls" / "best.pt"}
+
+
+# --------------------------------------------------------------------------
+# A tiny LUNA16-layout folder (the maskrcnn plugin's input)
+# --------------------------------------------------------------------------
+
+TINY_LUNA_UID = "1.2.826.0.1.3680043.9.8.1"
+#: (z, row, col, radius_px, hu): a 12 mm nodule in the left lung, a 6 mm one in the right.
+TINY_LUNA_NODULES = [(12, 46, 68, 4, 30), (8, 40, 28, 2, 20)]
+
+
+def tiny_luna_volume(nodules=TINY_LUNA_NODULES, uid: str = TINY_LUNA_UID):
+    """The phantom with ``nodules`` as a :class:`lungseg.dicomio.CTVolume` (axial, feet first)."""
+    from lungseg.dicomio import CTVolume
+
+    hu = phantom(1, nodules)
+    return CTVolume(hu=hu, spacing=TINY_SPACING, origin=TINY_ORIGIN, direction=np.eye(3)[:, ::-1],
+                    slice_positions=TINY_ORIGIN[2] + TINY_SPACING[0] * np.arange(hu.shape[0]), patient_id="",
+                    study_uid="", series_uid=uid, sop_uids=(), files=(), path="")
+
+
+def luna_row(volume, z, r, c, rad_px) -> dict:
+    """An annotations.csv row for a nodule at voxel (z, r, c) of radius ``rad_px`` pixels."""
+    x, y, zw = volume.voxel_to_world([z, r, c])
+    return {"seriesuid": volume.series_uid, "coordX": x, "coordY": y, "coordZ": zw,
+            "diameter_mm": 2 * rad_px * volume.spacing[1]}
+
+
+@pytest.fixture(scope="session")
+def tiny_luna(tmp_path_factory):
+    """A LUNA16-layout folder: the phantom's .mhd and annotations.csv with its two nodules."""
+    from lungseg_maskrcnn import luna16
+
+    out = tmp_path_factory.mktemp("luna")
+    volume = tiny_luna_volume()
+    luna16.write_mhd(volume, out / f"{volume.series_uid}.mhd")
+    luna16.write_annotations(out / "annotations.csv", [luna_row(volume, *n[:4]) for n in TINY_LUNA_NODULES])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_slices(tiny_luna, tmp_path_factory):
+    """Slices and 16 px patches of :func:`tiny_luna` (an HDF5 slices file)."""
+    from lungseg_maskrcnn import slices
+
+    out = tmp_path_factory.mktemp("slices") / "s.h5"
+    list(slices.build(tiny_luna, out, slices.SliceConfig(patch=16, patch_stride=4)))
+    return out

@@ -60,7 +60,8 @@ def test_predict_volume_finds_the_nodule_inside_the_lungs(volume, models):
 
 def test_report_fields_and_masks_overlay_the_source(volume, models, tmp_path):
     pred = infer.predict_volume(volume, models)
-    done = infer.write_report(tmp_path / "r", volume, pred, models, infer.PredictConfig())
+    done = infer.write_report(tmp_path / "r", volume, pred, checkpoints=models.checkpoints,
+                              settings=infer.report_settings(models, infer.PredictConfig()))
     report = json.loads(done.read_text())
     for key in ("lungseg_version", "series_uid", "checkpoints", "timings_s", "disclaimer", "frames", "nodules"):
         assert key in report
