@@ -26,6 +26,31 @@ def test_the_plugin_is_listed_and_every_command_has_help():
         assert result.exit_code == 0, (name, result.output)
 
 
+def test_without_the_plugin_lungseg_works_the_same(monkeypatch):
+    import cli
+
+    monkeypatch.setattr(cli, "entry_points", lambda group: [])
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0 and "maskrcnn" not in result.output and "predict" in result.output
+
+
+def test_a_missing_dependency_is_one_line(monkeypatch, tmp_path, tiny_slices):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torchvision(name, *args, **kwargs):
+        if name.startswith("torchvision"):
+            raise ModuleNotFoundError("No module named 'torchvision'", name="torchvision")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchvision)
+    result = CliRunner().invoke(main, ["maskrcnn", "train", "--train", str(tiny_slices), "--out", str(tmp_path / "r"),
+                                       "--device", "cpu"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith("Error: lungseg maskrcnn needs torchvision")
+
+
 def test_bad_input_is_one_line(tmp_path):
     runner = CliRunner()
     (tmp_path / "x.h5").write_text("not hdf5")

@@ -56,8 +56,7 @@ def test_predict_writes_lungsegs_report_for_a_metaimage(tiny_luna, tmp_path, mon
     cfg = configs.make_config("mask", "cpu", iterations=1, crop=64, save_every=1, device="cpu")
     # a real checkpoint of the plugin (untrained weights), with the stand-in model in its place
     model = train.build_model("mask", cfg)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    train._save(tmp_path / "model.pt", "mask", cfg, model, opt, 1)
+    train._save(tmp_path / "model.pt", "mask", cfg, model, None, 1)
     monkeypatch.setattr(predict, "load", lambda path, kind=None: (Bright().eval(), cfg, {"step": 1}))
     mhd = next(tiny_luna.glob("*.mhd"))
     results = list(predict.predict(mhd, tmp_path / "model.pt", tmp_path / "out", device="cpu"))

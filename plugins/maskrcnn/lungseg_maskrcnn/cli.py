@@ -26,6 +26,10 @@ class _Group(click.Group):
             raise click.ClickException(str(exc)) from None
         except ValueError as exc:       # a bad setting caught by a config
             raise click.ClickException(str(exc)) from None
+        except ImportError as exc:      # torchvision, SimpleITK or pycocotools missing
+            raise click.ClickException(f"lungseg maskrcnn needs {exc.name or exc}: install the plugin with its "
+                                       f"dependencies (README: pip install torch==2.14.1 torchvision==0.29.1 "
+                                       f"-e plugins/maskrcnn)") from None
 
 
 @click.group(cls=_Group)

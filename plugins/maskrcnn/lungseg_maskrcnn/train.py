@@ -76,9 +76,10 @@ def load(path: str | os.PathLike, kind: str | None = None):
 
 
 def _save(path: Path, kind: str, cfg, model, optimizer, step: int, **extra) -> None:
+    """A checkpoint; ``optimizer`` None for a model.pt (only last.pt resumes, and Adam's state triples the size)."""
     save_checkpoint(path, {"format": FORMAT, "kind": kind, "config": configs.to_dict(cfg),
-                           "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                           "rng": torch.get_rng_state(), **extra})
+                           "model": model.state_dict(), "step": step, "rng": torch.get_rng_state(), **extra,
+                           **({"optimizer": optimizer.state_dict()} if optimizer is not None else {})})
 
 
 def _start(out: Path, kind: str, cfg, model, optimizer, resume: bool) -> int:
@@ -186,7 +187,7 @@ def train_patch(cfg: configs.PatchConfig, train_file, val_file, out, *, resume: 
         _log(out, row)
         if acc > best:
             best = acc
-            _save(out / "model.pt", "patch", cfg, model, opt, epoch, val_accuracy=acc)
+            _save(out / "model.pt", "patch", cfg, model, None, epoch, val_accuracy=acc)
         _save(out / "last.pt", "patch", cfg, model, opt, epoch)
         echo(f"{cfg.arch} epoch {epoch}/{cfg.epochs}: loss {row['loss']:.4f}, val accuracy {acc:.4f} "
              f"({row['seconds']:.0f} s)")
@@ -321,7 +322,7 @@ def train_mask(cfg: configs.MaskConfig, train_file, out, *, resume: bool = False
             t0, window_losses = time.perf_counter(), []
             if stop_at is not None and step >= stop_at:
                 return out / "last.pt"
-    _save(out / "model.pt", "mask", cfg, model, opt, cfg.iterations)
+    _save(out / "model.pt", "mask", cfg, model, None, cfg.iterations)
     return out / "model.pt"
 
 
@@ -363,5 +364,5 @@ def train_unet(cfg: configs.UNetConfig, train_file, out, *, resume: bool = False
             t0, losses = time.perf_counter(), []
             if stop_at is not None and step >= stop_at:
                 return out / "last.pt"
-    _save(out / "model.pt", "unet", cfg, model, opt, cfg.iterations)
+    _save(out / "model.pt", "unet", cfg, model, None, cfg.iterations)
     return out / "model.pt"
