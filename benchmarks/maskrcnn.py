@@ -140,6 +140,45 @@ def train_stage(run: Runner, out: Path, only: list[str] | None) -> dict[str, flo
     return seconds
 
 
+def paper_timing(out: Path) -> dict:
+    """Seconds per training step and per test slice of paper B's configuration (ResNet101-FPN, 512 x 512)."""
+    path = out / "paper_timing.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    import numpy as np
+    import torch
+
+    from lungseg_maskrcnn import configs, train
+    from lungseg_maskrcnn.slices import read_slices
+
+    cfg = configs.MaskConfig()
+    data = read_slices(out / "slices" / "test.h5")
+    torch.manual_seed(0)
+    model = train.build_model("mask", cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    images, maps = train._batch(data, cfg, 1)
+    x = [torch.from_numpy(im)[None].expand(3, -1, -1) for im in images]
+    targets = [train.targets_of(m) for m in maps]
+    steps = []
+    for _ in range(2):
+        t = time.perf_counter()
+        model.train()
+        loss = sum(model(x, targets).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps.append(time.perf_counter() - t)
+    model.eval()
+    t = time.perf_counter()
+    with torch.no_grad():
+        model([torch.from_numpy(np.ascontiguousarray(images[0]))[None].expand(3, -1, -1)])
+    result = {"config": "paper B: ResNet101-FPN, whole 512 x 512 slices, batch 2, torchvision's proposals",
+              "train_step_s": round(min(steps), 1), "test_slice_s": round(time.perf_counter() - t, 1),
+              "iterations": cfg.iterations}
+    path.write_text(json.dumps(result, indent=2))
+    return result
+
+
 def report_stage(run: Runner, out: Path) -> dict:
     from lungseg_maskrcnn.evaluate import PAPER, PAPER_TABLE1
     from lungseg_maskrcnn.slices import counts
@@ -162,6 +201,7 @@ def report_stage(run: Runner, out: Path) -> dict:
         log = [json.loads(x) for x in (folder / "log.jsonl").read_text().splitlines() if x.strip()]
         results["test"][name]["log"] = log
     results["paper"] = {"table1": PAPER_TABLE1, **PAPER}
+    results["paper_config_timing"] = paper_timing(out)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     md = markdown(results)
     (out / "results.md").write_text(md)
@@ -205,6 +245,11 @@ def markdown(results: dict) -> str:
             cells = [f"{_ci(r['dice'][c]['dice'])} (n={r['dice'][c]['n_slices']})" if c in r["dice"] else "-"
                      for c in cats]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    p = results.get("paper_config_timing")
+    if p:
+        lines += ["", f"Paper B's configuration ({p['config']}) on this machine: {p['train_step_s']} s per training "
+                      f"step, {p['test_slice_s']} s per test slice; its {p['iterations']} steps would take "
+                      f"{p['train_step_s'] * p['iterations'] / 86400:.1f} days."]
     return "\n".join(lines) + "\n"
 
 

@@ -38,7 +38,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -459,6 +459,24 @@ def predict(source: str | os.PathLike, seg: str | os.PathLike, cls: str | os.Pat
     """
     jobs = find_inputs(source)
     models = Models.load(seg, cls, cfg.device, det_path=det)
+    yield from report_each(jobs, out, lambda volume: predict_volume(volume, models, cfg),
+                           checkpoints=models.checkpoints, settings=report_settings(models, cfg))
+
+
+def read_job(job: SeriesJob) -> CTVolume:
+    """The volume of one input: a DICOM series or a NIfTI file."""
+    return read_nifti_volume(job.path) if job.series_uid is None else read_series(job.path, job.series_uid)
+
+
+def report_each(jobs: Sequence[SeriesJob], out: str | os.PathLike, predict_fn: Callable[[CTVolume], Prediction], *,
+                checkpoints: dict, settings: dict, read: Callable[[SeriesJob], CTVolume] = read_job
+                ) -> Iterator[tuple[SeriesJob, str, Any]]:
+    """Read, predict and report each job into ``out/<job.name>/``; yields (job, status, detail).
+
+    ``status`` is 'done' (detail: the report path), 'skipped' (a complete
+    report exists) or 'failed' (detail: the error message). Any pipeline that
+    turns a volume into a :class:`Prediction` reports through here.
+    """
     out = Path(out)
     for job in jobs:
         folder = out / job.name
@@ -467,11 +485,10 @@ def predict(source: str | os.PathLike, seg: str | os.PathLike, cls: str | os.Pat
             continue
         try:
             t = time.perf_counter()
-            volume = read_nifti_volume(job.path) if job.series_uid is None else read_series(job.path, job.series_uid)
+            volume = read(job)
             load_s = time.perf_counter() - t
-            pred = predict_volume(volume, models, cfg)
+            pred = predict_fn(volume)
             pred.timings = {"load_s": round(load_s, 3), **pred.timings}
-            yield job, "done", write_report(folder, volume, pred, checkpoints=models.checkpoints,
-                                            settings=report_settings(models, cfg))
+            yield job, "done", write_report(folder, volume, pred, checkpoints=checkpoints, settings=settings)
         except LungsegError as exc:
             yield job, "failed", str(exc)

