@@ -106,8 +106,12 @@ def _runs(out: Path) -> dict[str, tuple[Path, list]]:
                            ["train-patch", "--train", s / "train.h5", "--val", s / "val.h5", "--arch", a,
                             "--preset", "cpu"]) for a in PATCH_ARCHS}
     runs |= {f"mask-{k}": (out / "runs" / f"mask-{k}", ["train", "--train", s / "train.h5", "--preset", "cpu",
-                                                      "--schedule", k]) for k in SCHEDULES}
+                                                      "--schedule", k]) for k in ("staged", "all")}
     runs["unet"] = (out / "runs" / "unet", ["train-unet", "--train", s / "train.h5", "--preset", "cpu"])
+    # shorter runs, for how far training had got
+    runs |= {f"mask-{k}-450": (out / "runs" / f"mask-{k}-450", [*runs[f"mask-{k}"][1], "--iterations", 450])
+             for k in SCHEDULES}
+    runs["unet-300"] = (out / "runs" / "unet-300", [*runs["unet"][1], "--iterations", 300])
     return runs
 
 
@@ -179,7 +183,42 @@ def paper_timing(out: Path) -> dict:
     return result
 
 
-def report_stage(run: Runner, out: Path) -> dict:
+#: Whole real scans for ``lungseg maskrcnn predict``: the background of every composite (its own nodule was an
+#: excluded finding in training) and a scan no model saw (8 mm slices, outside LUNA16's rule).
+PREDICT_SCANS = ("lidc/LIDC-IDRI-0001", "ct/Lung_Dx-A0002")
+
+
+def predict_real(run: Runner, out: Path, data: Path, model: Path) -> dict:
+    """Findings of a Mask R-CNN on whole real scans; for 0001, whether the readers' nodule is hit (LUNA16's rule:
+    a finding within the nodule's radius of its centre)."""
+    import numpy as np
+
+    from lungseg_maskrcnn import luna16
+
+    _, rows = luna16.reference_list(lidc_root=data / "lidc")
+    reference = [r for r in rows if not np.isnan(r["coordX"])]
+    result = {}
+    for scan in PREDICT_SCANS:
+        folder = out / "predict" / Path(scan).name
+        if not list(folder.glob("*/nodules.json")):
+            folder.mkdir(parents=True, exist_ok=True)
+            run(lungseg("maskrcnn", "predict", data / scan, "--model", model, "--out", folder))
+        report = json.loads(next(folder.glob("*/nodules.json")).read_text())
+        row = {"findings": report["n_nodules"], "seconds": report["timings_s"],
+               "top": [{k: n[k] for k in ("diameter_mm", "nodule_probability", "slices", "centroid_world_lps_mm")}
+                       for n in report["nodules"][:5]]}
+        for ref in reference:
+            if ref["seriesuid"] == report["series_uid"]:
+                centre = np.array([ref["coordX"], ref["coordY"], ref["coordZ"]])
+                ranks = [i + 1 for i, n in enumerate(report["nodules"])
+                         if np.linalg.norm(np.array(n["centroid_world_lps_mm"]) - centre) <= ref["diameter_mm"] / 2]
+                row["reference_nodule"] = {"diameter_mm": round(ref["diameter_mm"], 1),
+                                           "hit_rank": ranks[0] if ranks else None}
+        result[Path(scan).name] = row
+    return result
+
+
+def report_stage(run: Runner, out: Path, data: Path) -> dict:
     from lungseg_maskrcnn.evaluate import PAPER, PAPER_TABLE1
     from lungseg_maskrcnn.slices import counts
 
@@ -190,6 +229,7 @@ def report_stage(run: Runner, out: Path) -> dict:
         if not (folder / "model.pt").exists():
             continue
         report = out / "test" / name
+        report.mkdir(parents=True, exist_ok=True)
         if not (report / "results.json").exists():
             t = time.perf_counter()
             run(lungseg("maskrcnn", "evaluate", "--slices", out / "slices" / "test.h5", "--model", folder / "model.pt",
@@ -202,6 +242,9 @@ def report_stage(run: Runner, out: Path) -> dict:
         results["test"][name]["log"] = log
     results["paper"] = {"table1": PAPER_TABLE1, **PAPER}
     results["paper_config_timing"] = paper_timing(out)
+    best = "mask-staged" if "mask-staged" in results["test"] else None
+    if best:
+        results["predict"] = predict_real(run, out, data, out / "runs" / best / "model.pt")
     (out / "results.json").write_text(json.dumps(results, indent=2))
     md = markdown(results)
     (out / "results.md").write_text(md)
@@ -232,14 +275,15 @@ def markdown(results: dict) -> str:
                          f"{best['epoch']} ({best['val_accuracy']:.3f}) | {secs.get(f'patch-{a}', 0):.0f} |")
     lines += ["", "| Mask R-CNN (cpu preset) | box AP50 | box AP[.5:.95] | mask AP50 | mask AP[.5:.95] | paper B mAP | "
               "train s | test s |", "|---|---|---|---|---|---|---|---|"]
-    for k, key in (("all", "map_all_layers"), ("staged", "map_staged")):
+    for k in ("staged", "all", "staged-450", "all-450"):
+        key = "map_staged" if k.startswith("staged") else "map_all_layers"
         r = t.get(f"mask-{k}")
         if r:
-            lines.append(f"| schedule {k} | {_ci(r['box_ap50'])} | {_ci(r['box_ap'])} | {_ci(r['mask_ap50'])} | "
+            lines.append(f"| schedule {k.split('-')[0]}, {r['step']} steps | {_ci(r['box_ap50'])} | {_ci(r['box_ap'])} | {_ci(r['mask_ap50'])} | "
                          f"{_ci(r['mask_ap'])} | {paper[key]} | {secs.get(f'mask-{k}', 0):.0f} | {r['seconds']:.0f} |")
     cats = ["micro", "small", "nodule", "mass", "all"]
     lines += ["", "| Dice per slice (test) | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
-    for name in ("mask-all", "mask-staged", "unet"):
+    for name in ("mask-staged", "mask-all", "mask-staged-450", "mask-all-450", "unet", "unet-300"):
         r = t.get(name)
         if r:
             cells = [f"{_ci(r['dice'][c]['dice'])} (n={r['dice'][c]['n_slices']})" if c in r["dice"] else "-"
@@ -250,6 +294,14 @@ def markdown(results: dict) -> str:
         lines += ["", f"Paper B's configuration ({p['config']}) on this machine: {p['train_step_s']} s per training "
                       f"step, {p['test_slice_s']} s per test slice; its {p['iterations']} steps would take "
                       f"{p['train_step_s'] * p['iterations'] / 86400:.1f} days."]
+    if results.get("predict"):
+        lines.append("")
+    for scan, r in results.get("predict", {}).items():
+        ref = r.get("reference_nodule")
+        hit = "" if ref is None else (f"; the readers' {ref['diameter_mm']} mm nodule is finding #{ref['hit_rank']}"
+                                      if ref["hit_rank"] else f"; the readers' {ref['diameter_mm']} mm nodule is missed")
+        lines.append(f"- `lungseg maskrcnn predict` (mask-staged) on {scan}: {r['findings']} findings{hit}; "
+                     f"{sum(r['seconds'].values()):.0f} s")
     return "\n".join(lines) + "\n"
 
 
@@ -290,7 +342,7 @@ def main() -> None:
     if args.stage in ("all", "train"):
         train_stage(run, args.out, args.only)
     if args.stage in ("all", "report"):
-        report_stage(run, args.out)
+        report_stage(run, args.out, args.data)
 
 
 if __name__ == "__main__":
