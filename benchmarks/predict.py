@@ -12,7 +12,6 @@ Figures, not asserts; the checkpoints' accuracy is not the point here.
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -67,7 +66,9 @@ def count_windows(shape, window, overlap) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    shared = Path(os.environ.get("LUNGSEG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    from lungseg.configs import shared_data_dir
+
+    shared = shared_data_dir()
     parser.add_argument("--scan", type=Path, default=shared / "lidc" / "LIDC-IDRI-0001")
     parser.add_argument("--seg", type=Path, required=True)
     parser.add_argument("--cls", type=Path, required=True)

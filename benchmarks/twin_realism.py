@@ -17,7 +17,6 @@ Figures, not asserts (tests/test_synth.py asserts the bar).
 """
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +30,9 @@ PATIENT = "LIDC-IDRI-0001"
 
 
 def shared_data() -> Path:
-    return Path(os.environ.get("LUNGSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
+    from lungseg.configs import shared_data_dir
+
+    return shared_data_dir()
 
 
 def measure(folder: Path, record, annotations) -> dict:

@@ -85,6 +85,15 @@ def load_model(path: str | os.PathLike, *, kind: str | None = None) -> tuple[nn.
     return model.eval(), ckpt
 
 
+#: What only resuming a training run needs; a model for prediction drops it.
+TRAINING_STATE = ("optimizer", "scheduler", "scaler", "rng")
+
+
+def for_inference(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint without its training state: what predict and evaluate load (bundled models)."""
+    return {k: v for k, v in ckpt.items() if k not in TRAINING_STATE}
+
+
 def describe(path: str | os.PathLike, ckpt: dict[str, Any]) -> dict[str, Any]:
     """What a report says of a checkpoint: path, hash, kind, architecture, epoch, training data."""
     return {"path": str(path), "sha256": sha256(path), "kind": ckpt["kind"], "arch": ckpt["config"]["arch"],
@@ -105,5 +114,5 @@ def check_input(path: str | os.PathLike, ckpt: dict[str, Any], settings: dict[st
                               "use a checkpoint and data made with the same settings")
 
 
-__all__ = ["CHECKPOINT_FORMAT", "sha256", "unwrap", "save_checkpoint", "load_checkpoint", "load_model",
-           "describe", "check_input"]
+__all__ = ["CHECKPOINT_FORMAT", "TRAINING_STATE", "sha256", "unwrap", "save_checkpoint", "load_checkpoint",
+           "load_model", "for_inference", "describe", "check_input"]

@@ -15,6 +15,7 @@ This module is the one home of:
   ``config.build_model()`` builds the network a config describes;
 - the settings of ``lungseg predict`` (:class:`PredictConfig`) and of
   ``lungseg composite`` (:class:`CompositeConfig`);
+- where the optional real data lives (:func:`shared_data_dir`);
 - named presets (:data:`PRESETS`) and :func:`make_config` (paper defaults,
   then a preset, then explicit options), from which the command line reads
   its defaults.
@@ -30,10 +31,21 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from .splits import DEFAULT_SPLIT_FILE
+
+#: Where real data for tests, benchmarks and the demo lives when present (never required):
+#: ``$LUNGSEG_SHARED_DATA``, else ``../shared/data`` beside the project folder.
+SHARED_DATA_ENV = "LUNGSEG_SHARED_DATA"
+
+
+def shared_data_dir() -> Path:
+    """The shared real-data folder (``$LUNGSEG_SHARED_DATA``, else ``<project>/../shared/data``); may not exist."""
+    return Path(os.environ.get(SHARED_DATA_ENV, Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 #: Networks by task: name -> "module:builder" inside lungseg (imported when built).
 ARCHS: dict[str, dict[str, str]] = {

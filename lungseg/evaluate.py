@@ -130,6 +130,31 @@ def reference_nodules(cache: Cache, uid: str) -> dict[str, np.ndarray]:
             "n_readers": readers, "relevant": relevant, "table_index": index}
 
 
+def score_report(report: dict[str, Any], cache: Cache, uid: str) -> dict[str, Any]:
+    """What a ``predict`` report (``nodules.json``) found of scan ``uid``'s reference nodules, by the FROC's rule.
+
+    A finding hits a nodule when its centre lies within the nodule's radius
+    (:func:`lungseg.metrics.froc`; centres in mm from voxel 0, which the
+    source grid and the cache's resampled grid share). Returns ``nodules``
+    (per reference nodule: ``diameter_mm``, ``relevant``, ``found``),
+    ``n_relevant``, ``n_found`` (relevant nodules hit) and ``false_positives``
+    (ids of findings that hit no nodule, relevant or not).
+    """
+    ref = reference_nodules(cache, uid)
+    found = report["nodules"]
+    centres = np.asarray([n["centroid_voxel_zyx"] for n in found], float).reshape(-1, 3)
+    scores = np.asarray([n.get("nodule_probability", 1.0) for n in found], float)
+    scan = metrics.froc([{"finding_centres_mm": centres * np.asarray(report["spacing_zyx_mm"], float),
+                          "finding_scores": scores, "nodule_centres_mm": ref["centres_mm"],
+                          "nodule_diameters_mm": ref["diameter_mm"], "nodule_relevant": ref["relevant"]}],
+                        max_findings=max(1, len(found)))["scans"][0]
+    hit = np.isfinite(scan["nodule_scores"])
+    return {"nodules": [{"diameter_mm": float(d), "relevant": bool(r), "found": bool(h)}
+                        for d, r, h in zip(ref["diameter_mm"], ref["relevant"], hit)],
+            "n_relevant": int(ref["relevant"].sum()), "n_found": int((hit & ref["relevant"]).sum()),
+            "false_positives": [n["id"] for n, s in zip(found, scan["status"]) if s == "fp"]}
+
+
 def evaluate_segmentation(model, cache: Cache, uids, *, device, precision: str = "auto",
                           threshold: float = 0.5, candidate_threshold: float = CANDIDATE_THRESHOLD,
                           max_findings: int = FROC_MAX_FINDINGS, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:

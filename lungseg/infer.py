@@ -17,7 +17,8 @@ The pipeline of paper A, Fig. 1, on one CT series:
 5. the report: ``nodules.json`` and ``nodules.csv`` (positions in voxel indices
    of the original series and in world LPS mm), a nodule label mask and a lung
    mask as NIfTI on the original grid (they overlay the source in viewers), one
-   PNG per nodule, versions, checkpoint hashes and timings.
+   PNG per nodule, an overview figure and a self-contained ``report.html``
+   (:mod:`lungseg.report`), versions, checkpoint hashes and timings.
 
 With a detector checkpoint (``--det``, :mod:`lungseg.detect`) steps 2-3 are
 the detector's instead: blob candidates in the lungs, p(nodule) of each, its
@@ -45,6 +46,7 @@ import torch
 from scipy import ndimage
 
 from . import __version__
+from . import report as figures
 from .cache import SIZE_CATEGORIES, equivalent_diameter_mm, nodule_features, size_category
 from .checkpoints import check_input, describe, load_model
 from .configs import MODEL_INPUT_FIELDS, DetectConfig, PredictConfig  # noqa: F401  (re-exported)
@@ -345,35 +347,6 @@ def _csv_row(n: dict) -> dict:
             "world_x_mm": wx, "world_y_mm": wy, "world_z_mm": wz}
 
 
-def nodule_png(volume: CTVolume, labels: np.ndarray, nodule: dict, path: Path) -> None:
-    """Axial, coronal and sagittal views through the nodule's centroid, with its outline."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    z, y, x = (int(round(v)) for v in nodule["centroid_voxel_zyx"])
-    dz, dy, dx = volume.spacing
-    mask = labels == nodule["id"]
-    img = np.clip((volume.hu.astype(np.float32) + 1000) / 1400, 0, 1)
-    views = [("axial", img[z], mask[z], dy / dx), ("coronal", img[:, y, :], mask[:, y, :], dz / dx),
-             ("sagittal", img[:, :, x], mask[:, :, x], dz / dy)]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
-    for ax, (name, im, m, aspect) in zip(axes, views):
-        ax.imshow(im, cmap="gray", aspect=aspect, origin="upper" if name == "axial" else "lower")
-        if m.any():
-            ax.contour(m, [0.5], colors="red", linewidths=1)
-        ax.set_title(name)
-        ax.axis("off")
-    found = f"p(nodule) {nodule['nodule_probability']:.2f}, " if "nodule_probability" in nodule else ""
-    side = f"{nodule['lung_side']} lung, " if "lung_side" in nodule else ""
-    fig.suptitle(f"nodule {nodule['id']}: {nodule['diameter_mm']:.1f} mm ({nodule['size_category']}), {side}"
-                 f"{found}" + (f"malignancy {nodule['malignancy_probability']:.2f}" if "malignancy_probability" in nodule
-                              else "no malignancy rating"))
-    fig.tight_layout()
-    fig.savefig(path, dpi=70)
-    plt.close(fig)
-
-
 def report_settings(models: Models, cfg: PredictConfig) -> dict:
     """What a report says of the settings of a prediction with ``models``."""
     return {"threshold": cfg.threshold, "min_volume_mm3": cfg.min_volume_mm3,
@@ -396,8 +369,11 @@ def write_report(out: Path, volume: CTVolume, pred: Prediction, *, checkpoints: 
     t = time.perf_counter()
     write_nifti(pred.labels, volume, out / "nodules.nii.gz", dtype=np.uint16)
     write_nifti(pred.lungs, volume, out / "lungs.nii.gz", dtype=np.uint8)
+    for old in out.glob("nodule_[0-9][0-9][0-9].png"):       # a rerun may find fewer
+        old.unlink()
     for n in pred.nodules:
-        nodule_png(volume, pred.labels, n, out / f"nodule_{n['id']:03d}.png")
+        figures.nodule_png(volume, pred.labels, n, out / f"nodule_{n['id']:03d}.png")
+    figures.overview_png(volume, pred.lungs, pred.nodules, out / "overview.png")
     with open(out / "nodules.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         w.writeheader()
@@ -421,6 +397,7 @@ def write_report(out: Path, volume: CTVolume, pred: Prediction, *, checkpoints: 
         "n_nodules": len(pred.nodules),
         "nodules": pred.nodules,
     }
+    figures.write_html(out, report)
     tmp = out / ".nodules.json.tmp"
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, done)
@@ -449,15 +426,34 @@ def find_inputs(source: str | os.PathLike) -> list[SeriesJob]:
     return [SeriesJob(Path(s.folder), s.series_uid, s.series_uid) for s in series]
 
 
-def predict(source: str | os.PathLike, seg: str | os.PathLike, cls: str | os.PathLike, out: str | os.PathLike,
-            cfg: PredictConfig = PredictConfig(), det: str | os.PathLike | None = None
+def checkpoint_paths(seg=None, cls=None, det=None) -> tuple[Path, Path, Path | None]:
+    """The (seg, cls, det) checkpoints of a prediction: those given, the bundled models for the rest.
+
+    With no segmenter given, the bundled detector and segmenter (trained on
+    the detector's findings) run together; with a user's segmenter, the
+    detector runs only when one is given, else paper A's path (the segmenter
+    over the whole lungs).
+    """
+    from . import models
+
+    if seg is None:
+        seg, det = models.default("seg"), det if det is not None else models.default("det")
+    cls = cls if cls is not None else models.default("cls")
+    return Path(seg), Path(cls), (Path(det) if det is not None else None)
+
+
+def predict(source: str | os.PathLike, seg: str | os.PathLike | None, cls: str | os.PathLike | None,
+            out: str | os.PathLike, cfg: PredictConfig = PredictConfig(), det: str | os.PathLike | None = None
             ) -> Iterator[tuple[SeriesJob, str, Any]]:
     """Predict every series under ``source`` into ``out/<series>/``; yields (job, status, detail).
 
-    ``status`` is 'done' (detail: the report path), 'skipped' (a complete
-    report exists) or 'failed' (detail: the error message).
+    ``seg``, ``cls`` and ``det`` default to the bundled models
+    (:func:`checkpoint_paths`). ``status`` is 'done' (detail: the report
+    path), 'skipped' (a complete report exists) or 'failed' (detail: the
+    error message).
     """
     jobs = find_inputs(source)
+    seg, cls, det = checkpoint_paths(seg, cls, det)
     models = Models.load(seg, cls, cfg.device, det_path=det)
     yield from report_each(jobs, out, lambda volume: predict_volume(volume, models, cfg),
                            checkpoints=models.checkpoints, settings=report_settings(models, cfg))

@@ -1,6 +1,5 @@
 """Shared pytest helpers: where the project's shared data lives."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -8,9 +7,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def shared_data_dir() -> Path:
-    """The shared data folder: ``$LUNGSEG_SHARED_DATA``, else ``<repo root>/../shared/data``."""
-    return Path(os.environ.get("LUNGSEG_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+from lungseg.configs import shared_data_dir  # noqa: E402  (the one rule: $LUNGSEG_SHARED_DATA, else ../shared/data)
 
 
 @pytest.fixture

@@ -86,6 +86,30 @@ def test_report_fields_and_masks_overlay_the_source(volume, models, tmp_path):
     assert lungs.header.get_qform(coded=True)[1] == 1 and lungs.header.get_sform(coded=True)[1] == 1
 
 
+def test_report_has_an_overview_and_html_and_drops_stale_figures(volume, models, tmp_path):
+    pred = infer.predict_volume(volume, models)
+    folder = tmp_path / "r"
+    folder.mkdir()
+    (folder / "nodule_099.png").write_bytes(b"from an earlier run")
+    infer.write_report(folder, volume, pred, checkpoints=models.checkpoints,
+                       settings=infer.report_settings(models, infer.PredictConfig()))
+    assert not (folder / "nodule_099.png").exists()
+    assert (folder / "overview.png").stat().st_size > 1000
+    page = (folder / "report.html").read_text()
+    assert page.count("<tr><td>") == len(pred.nodules) > 0
+
+
+def test_checkpoint_paths_default_to_the_bundled_models(tmp_path):
+    from lungseg import models
+
+    seg, cls, det = infer.checkpoint_paths()
+    assert (seg, cls, det) == (models.default("seg"), models.default("cls"), models.default("det"))
+    own = tmp_path / "seg.pt"
+    assert infer.checkpoint_paths(seg=own) == (own, models.default("cls"), None)      # paper A's path
+    assert infer.checkpoint_paths(seg=own, det=tmp_path / "d.pt")[2] == tmp_path / "d.pt"
+    assert infer.checkpoint_paths(det=tmp_path / "d.pt")[:2] == (models.default("seg"), models.default("cls"))
+
+
 def test_nifti_input_gives_the_same_nodules(volume, models, tmp_path):
     path = tmp_path / "scan.nii.gz"
     dicomio.write_nifti(volume.hu, volume, path, dtype=np.int16)
