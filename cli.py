@@ -554,10 +554,11 @@ def composite_command(backgrounds, crop_dir, out, per_background, nodules_per_sc
 
 @main.command()
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
-@click.option("--seg", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="Segmentation checkpoint (train-seg's best.pt).")
-@click.option("--cls", "cls_", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="Classification checkpoint (train-cls's best.pt).")
+@click.option("--seg", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Segmentation checkpoint (train-seg's best.pt) [default: the bundled segmenter, with the "
+                   "bundled detector].")
+@click.option("--cls", "cls_", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Classification checkpoint (train-cls's best.pt or model.pt) [default: the bundled classifier].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Report folder; one subfolder per series.")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=PredictConfig.threshold,
@@ -571,11 +572,15 @@ def composite_command(backgrounds, crop_dir, out, per_background, nodules_per_sc
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
 @click.option("--det", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Detector checkpoint (train-det's best.pt): blob candidates, its p(nodule), then --seg on "
-                   "each finding. Without it, paper A's path: --seg over the whole lungs.")
+                   "each finding [default: the bundled detector when --seg is not given]. With --seg and "
+                   "without --det, paper A's path: --seg over the whole lungs.")
 @click.option("--det-threshold", type=click.FloatRange(0, 1), default=None,
               help="On p(nodule) [default: the detector's operating point, chosen on its development data].")
 def predict(source, seg, cls_, out, threshold, min_volume_mm3, overlap, device, precision, det, det_threshold):
-    """Find and rate the nodules of every CT series under SOURCE (DICOM folder tree or NIfTI file)."""
+    """Find and rate the nodules of every CT series under SOURCE (DICOM folder tree or NIfTI file).
+
+    With no checkpoint options it uses the models bundled with lungseg (`lungseg models`).
+    """
     from lungseg import infer
 
     try:
@@ -593,9 +598,30 @@ def predict(source, seg, cls_, out, threshold, min_volume_mm3, overlap, device, 
 
         report = json.loads(Path(detail).read_text())
         times = ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in report["timings_s"].items())
-        click.echo(f"{status}: {job.name}: {report['n_nodules']} nodules -> {detail}  ({times})")
+        click.echo(f"{status}: {job.name}: {report['n_nodules']} nodules -> {Path(detail).parent / 'report.html'}"
+                   f"  ({times})")
     if failed:
         raise click.ClickException(f"{failed} series failed; the others are in {out}")
+
+
+@main.command("models")
+@click.argument("name", required=False)
+def models_command(name):
+    """List the models bundled with lungseg (each checked against its SHA-256), or print NAME's model card."""
+    from lungseg import models
+
+    if name is not None:
+        click.echo(models.card(name))
+        return
+    bundled = models.manifest()
+    if not bundled:
+        raise click.ClickException(f"no models are bundled in {models.BUNDLE_DIR}")
+    for n, entry in bundled.items():
+        models.path(n)                      # refuses a file that differs from the manifest
+        click.echo(f"{n:<11} {entry['kind']:<4} {entry['arch']:<13} {entry['bytes'] / 1e6:5.2f} MB  "
+                   f"sha256 {entry['sha256'][:12]}  {entry['summary']}")
+    click.echo(f"\nfiles and cards: {models.BUNDLE_DIR}; `lungseg models NAME` prints a card. "
+               "`lungseg predict` uses these unless --seg/--cls/--det are given.")
 
 
 @main.command()
@@ -650,6 +676,32 @@ def _run(*args: str) -> None:
     main.main(list(args), prog_name="lungseg", standalone_mode=False)
 
 
+def _demo_scores(records, cache_path: Path, reports: Path) -> None:
+    """Print what the bundled models found on each twin against the twin's truth (the readers' nodules)."""
+    import json
+
+    from lungseg.cache import Cache
+    from lungseg.evaluate import score_report
+
+    cache = Cache(cache_path)
+    big = found_big = hits = relevant = fps = 0
+    click.secho("\nWhat the bundled models found, against each twin's truth (nodules of >= 3 readers, >= 3 mm; "
+                "a hit is a finding within the nodule's radius):", bold=True)
+    for r in records:
+        report = json.loads((reports / r.series_uid / "nodules.json").read_text())
+        s = score_report(report, cache, r.series_uid)
+        nodules = [n for n in s["nodules"] if n["relevant"]]
+        found = ", ".join(f"{n['diameter_mm']:.1f}" for n in nodules if n["found"]) or "none"
+        missed = ", ".join(f"{n['diameter_mm']:.1f}" for n in nodules if not n["found"]) or "none"
+        click.echo(f"  {r.patient_id}: {report['n_nodules']} findings; nodules found (mm): {found}; missed: {missed}; "
+                   f"false positives: {len(s['false_positives'])}")
+        big += sum(n["diameter_mm"] > 10 for n in nodules)
+        found_big += sum(n["diameter_mm"] > 10 and n["found"] for n in nodules)
+        hits, relevant, fps = hits + s["n_found"], relevant + s["n_relevant"], fps + len(s["false_positives"])
+    click.echo(f"  all {len(records)} twins: nodules over 10 mm found {found_big}/{big}; all nodules {hits}/{relevant}; "
+               f"{fps} false positives ({fps / len(records):.1f} per scan)")
+
+
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo_out"),
               show_default=True, help="Folder for everything the demo writes.")
@@ -658,12 +710,15 @@ def _run(*args: str) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 def demo(out, n_scans, seed, device):
-    """The main job end to end on the LIDC twin: synth, preprocess, train-seg, train-cls, evaluate, predict.
+    """The main job end to end: the bundled models on LIDC twins (and the real LIDC-IDRI-0001 when present), then a
+    short training run.
 
-    A small preset (few scans, epochs and batches) so that it finishes in minutes on a CPU; the
-    networks and all preprocessing are the paper's. Reruns reuse what is already there.
+    Draws LIDC twins, predicts with the bundled models and scores what they found against the twins' truth; then
+    trains both of paper A's networks with a small preset (few scans, epochs and batches), evaluates them and
+    predicts the held-out twin. Reruns reuse what is already there.
     """
     from lungseg import lidc, splits, synth
+    from lungseg.configs import shared_data_dir
 
     out.mkdir(parents=True, exist_ok=True)
     with lidc.LidcDatabase() as db:
@@ -679,6 +734,25 @@ def demo(out, n_scans, seed, device):
         _run("synth", "--out", str(lidc_root), "--seed", str(seed), *[a for p in todo for a in ("--patient", p)])
     _run("preprocess", "--lidc-root", str(lidc_root), "--out", str(cache_path), "--no-candidates",
          *[a for r in records for a in ("--scans", r.series_uid)])      # the demo trains paper A's path only
+
+    # 1. The bundled models (`lungseg models`) on every twin, and on the real LIDC-IDRI-0001 when it is here.
+    from lungseg import models
+
+    bundled = out / "predict-bundled"
+    have_models = bool(models.manifest())
+    if have_models:
+        for r in records:
+            _run("predict", str(synth.series_folder(lidc_root, r)), "--out", str(bundled), "--device", device)
+        _demo_scores(records, cache_path, bundled)
+    else:
+        click.secho(f"\nNo models are bundled in {models.BUNDLE_DIR} (python benchmarks/bundle.py writes them): "
+                    "skipping their predictions.", bold=True)
+    real = shared_data_dir() / "lidc" / "LIDC-IDRI-0001"
+    if have_models and real.is_dir():
+        _run("predict", str(real), "--out", str(out / "predict-real"), "--device", device)
+        click.echo("  (the readers of LIDC-IDRI-0001 marked one nodule of about 23 mm, malignancy 5, 5, 5, 4)")
+
+    # 2. A short training run of paper A's networks on the twins.
     common = ["--cache", str(cache_path), "--split-file", str(split_file), "--seed", str(seed), "--device", device]
     runs = {}
     for kind, preset in (("seg", ["--epochs", "2", "--batch-size", "2", "--max-batches", "4", "--switch-epoch", "1"]),
@@ -696,14 +770,19 @@ def demo(out, n_scans, seed, device):
     test = [r for r in records if split[r.patient_id] == "test"]
     for r in test:
         _run("predict", str(synth.series_folder(lidc_root, r)), "--seg", seg, "--cls", cls_,
-             "--out", str(out / "predict"), "--device", device)
+             "--out", str(out / "predict-trained"), "--device", device)
     click.secho("\ndemo finished. Everything is under " + str(out) + ":", bold=True)
-    for what, where in (("LIDC twins (DICOM)", lidc_root), ("HDF5 cache", cache_path),
-                        ("segmentation run", runs["seg"]), ("classification run", runs["cls"]),
-                        ("evaluation (tables, ROC)", out / "evaluate"), ("per-nodule reports", out / "predict")):
+    for what, where in (("LIDC twins (DICOM)", lidc_root),
+                        *((("bundled models' reports", bundled / "<series>" / "report.html"),) if have_models else ()),
+                        *((("LIDC-IDRI-0001's report", out / "predict-real" / "<series>" / "report.html"),)
+                          if have_models and real.is_dir() else ()),
+                        ("HDF5 cache", cache_path), ("segmentation run", runs["seg"]),
+                        ("classification run", runs["cls"]), ("evaluation (tables, ROC)", out / "evaluate"),
+                        ("short run's reports", out / "predict-trained")):
         click.echo(f"  {what:<26} {where}")
-    click.echo(f"The demo trains for minutes on {len(records)} synthetic scans: its numbers show that the "
-               "pipeline runs,\nnot how well lungseg finds or rates nodules.")
+    click.echo(f"The short training run takes minutes on {len(records)} synthetic scans: its numbers show that the "
+               "pipeline\ntrains, not how well lungseg finds or rates nodules; `lungseg models NAME` prints what the "
+               "bundled ones measured.")
 
 
 if __name__ == "__main__":

@@ -259,7 +259,7 @@ def rescoring_study(det: Path, train_cache: Path, train_split: Path, test_cache:
     from lungseg import metrics
     from lungseg.cache import Cache
     from lungseg.checkpoints import load_model
-    from lungseg.detect import Rescorer, candidate_features, score_rois, suppress
+    from lungseg.detect import RESCORE_FEATURES, Rescorer, candidate_features, score_rois, suppress
     from lungseg.evaluate import reference_nodules
     from lungseg.splits import read_split, split_scans
 
@@ -281,7 +281,7 @@ def rescoring_study(det: Path, train_cache: Path, train_split: Path, test_cache:
     y = np.concatenate([s["label"] for s in sets["val"]])
     out = {}
     for name, cols in RESCORE_STUDY.items():
-        r = Rescorer.fit(x[y >= 0][:, cols], y[y >= 0])
+        r = Rescorer.fit(x[y >= 0][:, cols], y[y >= 0], features=[RESCORE_FEATURES[c] for c in cols])
         out[name] = {}
         for part, items in sets.items():
             froc = []

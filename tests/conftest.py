@@ -10,6 +10,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 from lungseg.configs import shared_data_dir  # noqa: E402  (the one rule: $LUNGSEG_SHARED_DATA, else ../shared/data)
 
 
+def _bundled() -> bool:
+    from lungseg import models
+
+    return bool(models.manifest())
+
+
+#: Tests of the models bundled in lungseg/models/ (written by ``python benchmarks/bundle.py``).
+requires_bundle = pytest.mark.skipif(not _bundled(), reason="no models bundled in lungseg/models/ yet "
+                                     "(python benchmarks/bundle.py writes them)")
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """The shared data folder; skips the test when it is absent."""

@@ -9,9 +9,10 @@ from click.testing import CliRunner
 
 import cli
 from cli import main
+from conftest import requires_bundle
 
 COMMANDS = ["synth", "composite", "preprocess", "info", "import-crops", "folds", "manifest", "train-seg", "train-cls",
-            "train-det", "evaluate", "predict", "demo"]
+            "train-det", "evaluate", "predict", "demo", "models"]
 
 
 def test_the_command_list_is_complete():
@@ -123,3 +124,47 @@ def test_a_preset_sets_what_the_command_line_leaves_unset():
     det = {**unset, "preset": "paper"}
     assert cli._train_config(DetConfig, det).max_batches == DetConfig.max_batches > 0
     assert cli._train_config(DetConfig, {**det, "max_batches": 0}).max_batches == 0
+
+
+@requires_bundle
+def test_models_lists_the_bundled_models_and_prints_a_card():
+    from lungseg import models
+
+    runner = CliRunner()
+    listed = runner.invoke(main, ["models"])
+    assert listed.exit_code == 0, listed.output
+    for name, entry in models.manifest().items():
+        assert name in listed.output and entry["sha256"][:12] in listed.output
+    card = runner.invoke(main, ["models", "detector"])
+    assert card.exit_code == 0 and card.output.startswith("# lungseg detector")
+    bad = runner.invoke(main, ["models", "nope"])
+    assert bad.exit_code == 1 and "no bundled model 'nope'" in bad.output and "Traceback" not in bad.output
+
+
+@requires_bundle
+@pytest.mark.slow
+def test_predict_without_checkpoints_uses_the_bundled_models(tiny_lidc, tmp_path):
+    import json
+
+    from lungseg import models
+
+    root, _ = tiny_lidc
+    result = CliRunner().invoke(main, ["predict", str(root / "LIDC-IDRI-9001"), "--out", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    assert "report.html" in result.output
+    report = json.loads(next((tmp_path / "p").glob("*/nodules.json")).read_text())
+    bundled = models.manifest()
+    assert {k: v["sha256"] for k, v in report["checkpoints"].items()} == {
+        k: bundled[models.ROLES[k]]["sha256"] for k in ("det", "seg", "cls")}
+    folder = next((tmp_path / "p").glob("*/"))
+    assert (folder / "report.html").exists() and (folder / "overview.png").exists()
+
+
+def test_models_says_so_in_one_line_when_none_are_bundled(monkeypatch, tmp_path):
+    from lungseg import models
+
+    monkeypatch.setattr(models, "BUNDLE_DIR", tmp_path)
+    result = CliRunner().invoke(main, ["models"])
+    assert result.exit_code == 1 and "no models are bundled" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["predict", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "Traceback" not in result.output

@@ -249,3 +249,19 @@ def test_find_findings_components_scores_and_weighted_centres():
     np.testing.assert_allclose(centres, [[2.5, 1.25, 0.625], [6, 4, 0]])
     assert evaluate.find_findings(prob, (1, 1, 1), max_findings=1)[1].tolist() == pytest.approx([0.9])
     assert evaluate.find_findings(prob, (1, 1, 1), candidate_threshold=0.95)[1].size == 0
+
+
+def test_score_report_counts_hits_misses_and_false_positives(tiny_trained):
+    cache = Cache(tiny_trained["cache"])
+    uid = next(u for u in cache.series_uids if evaluate.reference_nodules(cache, u)["relevant"].any())
+    ref = evaluate.reference_nodules(cache, uid)
+    spacing = [float(s) for s in cache.scan(uid).attrs["spacing"]]
+    first = int(np.flatnonzero(ref["relevant"])[0])
+    found = [{"id": 1, "centroid_voxel_zyx": ref["centroid_resampled"][first].tolist(), "nodule_probability": 0.9},
+             {"id": 2, "centroid_voxel_zyx": [0.0, 0.0, 0.0], "nodule_probability": 0.8}]
+    score = evaluate.score_report({"nodules": found, "spacing_zyx_mm": spacing}, cache, uid)
+    assert score["n_relevant"] == int(ref["relevant"].sum()) and score["n_found"] == 1
+    assert score["false_positives"] == [2]
+    assert [n["found"] for n in score["nodules"]][first] is True
+    empty = evaluate.score_report({"nodules": [], "spacing_zyx_mm": spacing}, cache, uid)
+    assert empty["n_found"] == 0 and empty["false_positives"] == []

@@ -14,6 +14,8 @@ from lungseg import checkpoints, dicomio, infer
 from lungseg.errors import DicomError, LungsegError
 from lungseg.preprocess import PreprocessConfig
 
+from conftest import requires_bundle
+
 
 class SoftTissue(torch.nn.Module):
     """A stand-in segmenter: logits high where the windowed image is soft tissue (about 0 HU and above)."""
@@ -99,6 +101,7 @@ def test_report_has_an_overview_and_html_and_drops_stale_figures(volume, models,
     assert page.count("<tr><td>") == len(pred.nodules) > 0
 
 
+@requires_bundle
 def test_checkpoint_paths_default_to_the_bundled_models(tmp_path):
     from lungseg import models
 
