@@ -20,7 +20,7 @@ and kept in ``OUT/*/commands.sh``. About 1.5 hours on 2 CPU cores.
 4. The figures of each card, with 95 % bootstrap intervals (over patients or
    scans); then, unless ``--no-write``, ``lungseg.models.add`` writes
    ``lungseg/models/NAME.pt`` (the checkpoint without its training state),
-   ``NAME.md`` and ``manifest.json`` (SHA-256 of each file).
+   ``NAME_card.md`` and ``manifest.json`` (SHA-256 of each file).
 
 Prints each card; asserts nothing.
 """

@@ -3,7 +3,7 @@
 ``lungseg predict SCAN_DIR --out OUT`` uses them when no checkpoint is given,
 so a fresh install works offline. This folder holds, per model, a lungseg
 checkpoint stripped of its training state (``NAME.pt``, loadable with
-``torch.load(..., weights_only=True)``) and its card (``NAME.md``: training
+``torch.load(..., weights_only=True)``) and its card (``NAME_card.md``: training
 data and licences, protocol, the command and commit that produced it,
 measured figures with intervals, intended use, known limits), and one
 manifest, ``manifest.json``, with each file's SHA-256. :func:`path` checks
@@ -87,7 +87,7 @@ def add(name: str, checkpoint: str | os.PathLike, card_text: str | Callable[[dic
     ckpt = load_checkpoint(checkpoint)
     if ROLES[ckpt["kind"]] != name:
         raise CheckpointError(f"{checkpoint}: a {ckpt['kind']} checkpoint cannot be the {name}")
-    file, card_file = folder / f"{name}.pt", folder / f"{name}.md"
+    file, card_file = folder / f"{name}.pt", folder / f"{name}_card.md"
     save_checkpoint(file, {**for_inference(ckpt), **({"data": data} if data is not None else {})})
     entry = {"file": file.name, "card": card_file.name, "kind": ckpt["kind"], "arch": ckpt["config"]["arch"],
              "bytes": file.stat().st_size, "sha256": sha256(file), "summary": summary}
