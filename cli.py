@@ -683,13 +683,16 @@ def _demo_scores(records, cache_path: Path, reports: Path) -> None:
     from lungseg.cache import Cache
     from lungseg.evaluate import score_report
 
-    cache = Cache(cache_path)
     big = found_big = hits = relevant = fps = 0
     click.secho("\nWhat the bundled models found, against each twin's truth (nodules of >= 3 readers, >= 3 mm; "
                 "a hit is a finding within the nodule's radius):", bold=True)
+    scores = {}
+    with Cache(cache_path) as cache:
+        for r in records:
+            report = json.loads((reports / r.series_uid / "nodules.json").read_text())
+            scores[r.series_uid] = report, score_report(report, cache, r.series_uid)
     for r in records:
-        report = json.loads((reports / r.series_uid / "nodules.json").read_text())
-        s = score_report(report, cache, r.series_uid)
+        report, s = scores[r.series_uid]
         nodules = [n for n in s["nodules"] if n["relevant"]]
         found = ", ".join(f"{n['diameter_mm']:.1f}" for n in nodules if n["found"]) or "none"
         missed = ", ".join(f"{n['diameter_mm']:.1f}" for n in nodules if not n["found"]) or "none"
