@@ -162,17 +162,18 @@ def detector_card(entry: dict, figs: dict, commit: str) -> str:
     return _header("lungseg detector: blob candidates and false-positive reduction", entry, commit,
                    "Finds nodule candidates in the lungs of a whole chest CT (multi-scale Laplacian-of-Gaussian peaks "
                    "ranked by Hessian blobness) and scores each with p(nodule): a small 3D network (`CandidateNet`) "
-                   "on the candidate's 16 x 48 x 48 ROI at 3 x 1.5 x 1.5 mm, combined with the candidate's rank, "
-                   "response and scale by a logistic regression. Findings at or above the operating point are "
+                   "on the candidate's 16 x 48 x 48 ROI at 3 x 1.5 x 1.5 mm, combined with the candidate's rank "
+                   "by a logistic regression. Findings at or above the operating point are "
                    "reported; the bundled segmenter then outlines each.") + f"""
 ## Training data
 
 {LICENCES}
 
-Training scans: 13 LIDC twins (their own nodules filled with real crop texture), each pasted with real nodules
-3 times, and Lung_Dx-A0002 pasted 10 times; the real nodules are those of folds 0-3 of
-`data_manifests/nodules_folds5_seed0_fold4.csv` (split by patient). The composites of 2 twins are the
-validation split.
+Training scans: 13 LIDC twins with their own nodules filled with real crop texture and 12 with drawn nodules
+(never a patient of `lungseg demo`'s twins), each pasted with real nodules 3 times, and Lung_Dx-A0002 pasted
+10 times; the real nodules are those of folds 0-3 of `data_manifests/nodules_folds5_seed0_fold4.csv` (split by
+patient). Candidates come from the lungs as `predict` finds them (no nodule mask helps). The composites of
+4 twins (2 of each kind) are the validation split.
 
 ## Protocol
 
@@ -200,7 +201,7 @@ Not a medical device; not for diagnosis.
 ## Known limits
 
 - Trained without a GPU, on 2 CPU cores, with a small development set: 1 real background scan (8 mm slices),
-  13 twins and a few hundred real nodules pasted into them. The test set is small (7 scans) and its
+  25 twins and a few hundred real nodules pasted into them. The test set is small (7 scans) and its
   intervals are wide.
 - Most misses are under 6.5 mm; COVID-19 opacities give most false positives on RICORD.
 - Nodules larger than about 30 mm (masses) were not in the test set.

@@ -9,15 +9,19 @@ before it runs and kept in ``OUT/commands.sh``. About 2 hours on 2 CPU cores.
 
 Training data (nothing of LIDC-IDRI-0001, nothing of the RICORD series):
 
-1. ``lungseg synth``: LIDC twins of ``TWINS`` (patients of the training folds,
-   every 29th of ``nodules_folds5_seed0_fold4.csv``'s train rows), their own
-   nodules filled with real crop texture.
+1. ``lungseg synth``: LIDC twins of two sets of patients of the training
+   folds (every 29th of ``nodules_folds5_seed0_fold4.csv``'s train rows, from
+   the 3rd and from the 17th; never a patient of ``lungseg demo``'s twins):
+   the first with their own nodules filled with real crop texture, the second
+   drawn as ``lungseg synth`` draws them by default (as the demo's twins are).
 2. ``lungseg composite``: real nodules of folds 0-3 pasted into the real
    Lung_Dx-A0002 (10 composites) and into each twin (3 composites), seed 1.
-3. ``lungseg preprocess`` of the composites: each scan's blob candidates,
-   labelled against its nodules (:mod:`lungseg.detect`).
-4. ``OUT/split.csv``: the composites of the last two twins are the val split
-   (where the operating point is chosen), the rest train.
+3. ``lungseg preprocess`` of the composites: each scan's blob candidates
+   (in the lungs as ``predict`` finds them), labelled against its nodules
+   (:mod:`lungseg.detect`).
+4. ``OUT/split.csv``: the composites of the last two twins of each set are the
+   val split (where the rescoring is fitted and the operating point chosen),
+   the rest train.
 5. ``lungseg train-det`` (the false-positive reduction; then its operating
    point at 1 false positive per scan on val), ``lungseg train-seg --preset
    context`` (the Res U-Net on candidate ROIs: nodules in real surroundings)
@@ -46,8 +50,10 @@ from lungseg.splits import MANIFESTS_DIR, fold_files
 from real_nodules import ROOT, Runner, epochs_done, lungseg
 
 FOLD = 4
-#: Every 29th training patient of the fold-4 split (rows in file order, from the 3rd): the twins' patients.
+#: Every 29th training patient of the fold-4 split (rows in file order, from the 3rd): the twins' patients;
+#: from the 17th: the drawn twins' patients.
 TWIN_STRIDE, TWIN_OFFSET, N_TWINS = 29, 2, 12
+DRAWN_OFFSET = 16
 VAL_TWINS = 2
 SEED = 1
 A0002 = "ct/Lung_Dx-A0002"
@@ -55,10 +61,23 @@ A0002 = "ct/Lung_Dx-A0002"
 PAPER_TABLE4 = {"micro": 0.466, "small": 0.652, "nodule": 0.805, "mass": 0.910}
 
 
-def twin_patients() -> list[str]:
+def demo_patients() -> set[str]:
+    """The patients of ``lungseg demo``'s twins: never trained on, so that the demo's check stays unseen."""
+    from lungseg import lidc, synth
+
+    with lidc.LidcDatabase() as db:
+        return {r.patient_id for r in synth.default_twin_scans(db, 6)}
+
+
+def twin_patients(drawn: bool = False) -> list[str]:
+    """The patients of the twins with real crop texture (``drawn=False``) or with drawn nodules."""
     with open(fold_files(MANIFESTS_DIR, "nodules", 5, 0)[f"fold{FOLD}"]) as f:
         train = [r["patient_id"] for r in csv.DictReader(f) if r["split"].strip() == "train"]
-    return ["LIDC-IDRI-0004"] + train[TWIN_OFFSET::TWIN_STRIDE][:N_TWINS]
+    pasted = ["LIDC-IDRI-0004"] + train[TWIN_OFFSET::TWIN_STRIDE][:N_TWINS]
+    if not drawn:
+        return [p for p in pasted if p not in demo_patients()]
+    avoid = demo_patients() | set(pasted)
+    return [p for p in train[DRAWN_OFFSET::TWIN_STRIDE] if p not in avoid][:N_TWINS]
 
 
 def train_step(run: Runner, folder: Path, command: list, epochs: int, log: Path) -> None:
@@ -90,22 +109,25 @@ def main() -> None:
 
     if args.stage in ("all", "train"):
         # 1-3: training scans.
-        twins = out / "twins"
-        patients = twin_patients()
-        missing = [p for p in patients if not (twins / p).is_dir()]
-        if missing:
-            run(lungseg("synth", "--out", twins, *[a for p in missing for a in ("--patient", p)],
-                        "--paste-real-nodules", data / "nodules"))
+        groups = {"twins": (twin_patients(), ["--paste-real-nodules", data / "nodules"]),
+                  "twins-drawn": (twin_patients(drawn=True), [])}
+        backgrounds, val = [], set()
+        for folder, (patients, texture) in groups.items():
+            twins = out / folder
+            missing = [p for p in patients if not (twins / p).is_dir()]
+            if missing:
+                run(lungseg("synth", "--out", twins, *[a for p in missing for a in ("--patient", p)], *texture))
+            backgrounds += [twins / p for p in patients]
+            val |= set(patients[-VAL_TWINS:])
         composites = out / "composites"
         run(lungseg("composite", data / A0002, "--crops", data / "nodules", "--out", composites,
                     "--per-background", 10, "--split-file", fold_split, "--split", "train", "--seed", SEED))
-        run(lungseg("composite", *[twins / p for p in patients], "--crops", data / "nodules", "--out", composites,
+        run(lungseg("composite", *backgrounds, "--crops", data / "nodules", "--out", composites,
                     "--per-background", 3, "--split-file", fold_split, "--split", "train", "--seed", SEED))
         cache = out / "train.h5"
         run(lungseg("preprocess", "--composite-root", composites, "--out", cache))
         # 4: split by background.
         split = out / "split.csv"
-        val = set(patients[-VAL_TWINS:])
         rows = [(p.name, "val" if p.name.rsplit("-s", 1)[0] in val else "train")
                 for p in sorted(composites.glob("*/nodules.json")) for p in [p.parent]]
         split.write_text("patient_id,split\n" + "".join(f"{a},{b}\n" for a, b in rows))
@@ -246,9 +268,9 @@ def candidate_study(cache_path: Path) -> dict:
                             for w in found}}
 
 
-#: Feature sets the rescoring study compares (columns of lungseg.detect.RESCORE_FEATURES).
-RESCORE_STUDY = {"network alone": [0], "rank alone": [1], "network + rank": [0, 1],
-                 "network + response + scale": [0, 2, 3], "network + rank + response + scale (lungseg)": [0, 1, 2, 3]}
+#: Feature sets the rescoring study compares (columns of lungseg.detect.CANDIDATE_FEATURES).
+RESCORE_STUDY = {"network alone": [0], "rank alone": [1], "network + rank (lungseg)": [0, 1],
+                 "network + response + scale": [0, 2, 3], "network + rank + response + scale": [0, 1, 2, 3]}
 
 
 def rescoring_study(det: Path, train_cache: Path, train_split: Path, test_cache: Path, test_split: Path) -> dict:
@@ -259,7 +281,7 @@ def rescoring_study(det: Path, train_cache: Path, train_split: Path, test_cache:
     from lungseg import metrics
     from lungseg.cache import Cache
     from lungseg.checkpoints import load_model
-    from lungseg.detect import RESCORE_FEATURES, Rescorer, candidate_features, score_rois, suppress
+    from lungseg.detect import CANDIDATE_FEATURES, Rescorer, candidate_features, score_rois, suppress
     from lungseg.evaluate import reference_nodules
     from lungseg.splits import read_split, split_scans
 
@@ -281,12 +303,12 @@ def rescoring_study(det: Path, train_cache: Path, train_split: Path, test_cache:
     y = np.concatenate([s["label"] for s in sets["val"]])
     out = {}
     for name, cols in RESCORE_STUDY.items():
-        r = Rescorer.fit(x[y >= 0][:, cols], y[y >= 0], features=[RESCORE_FEATURES[c] for c in cols])
+        r = Rescorer.fit(x[y >= 0][:, cols], y[y >= 0], features=[CANDIDATE_FEATURES[c] for c in cols])
         out[name] = {}
         for part, items in sets.items():
             froc = []
             for s in items:
-                score = r(s["x"][:, cols])
+                score = r(s["x"])
                 keep = suppress(s["centres"], s["radius"], score)
                 froc.append({"finding_centres_mm": s["centres"][keep], "finding_scores": score[keep],
                              "nodule_centres_mm": s["ref"]["centres_mm"], "nodule_diameters_mm": s["ref"]["diameter_mm"],
@@ -329,7 +351,7 @@ def markdown(results: dict) -> str:
         lines.append("| paper A (whole-scan sub-cases) | " + " | ".join(
             f"{PAPER_TABLE4[k]:.3f}" for k in ("micro", "small", "nodule", "mass")) + " | |")
     lines += ["", "p(nodule) from which evidence (each a logistic regression fitted on the val split): CPM", "",
-              "| features | val (2 twins, 6 composites) | unseen | seen background |", "|---|---|---|---|"]
+              "| features | val (4 twins, 12 composites) | unseen | seen background |", "|---|---|---|---|"]
     for name, row in results["rescoring"].items():
         lines.append(f"| {name} | {row['val']:.3f} | {row['unseen']:.3f} | {row['seen_background']:.3f} |")
     c = results["candidates"]

@@ -1024,8 +1024,10 @@ def draw_vessels(scene: Scene, hu: np.ndarray, lungs: np.ndarray, rng: np.random
 
 def force_lungs_around_nodules(scene: Scene, footprints: Sequence[NoduleOutline]) -> list[bool]:
     """Make each nodule's outline lung; a nodule whose centre the template lungs miss
-    gets an ellipsoidal pocket of lung 6 mm wider than it. Returns, per nodule,
-    whether the template lungs held its centre."""
+    gets an ellipsoidal pocket of lung 6 mm wider than it, joined to the nearest
+    lung of its slice by a channel as wide as the pocket (a recess of the lung,
+    not an island of air: a lung mask keeps it, as it keeps a real nodule's
+    lung). Returns, per nodule, whether the template lungs held its centre."""
     grid = scene.grid
     held = []
     for fp in footprints:
@@ -1051,7 +1053,29 @@ def force_lungs_around_nodules(scene: Scene, footprints: Sequence[NoduleOutline]
             xx = (np.arange(grid.n) - centre[2]) * grid.ps / extent[2]
             pocket = yy[:, None] ** 2 + xx[None, :] ** 2 < 1 - u
             scene.forced_lung[kk] = scene.forced_lung.get(kk, np.zeros(scene.x.shape, bool)) | pocket
+        _join_to_lung(scene, reg.lungs, centre, extent, zc)
     return held
+
+
+def _join_to_lung(scene: Scene, lungs: np.ndarray, centre, extent: np.ndarray, zc: float) -> None:
+    """Carve a channel of lung from a pocket's centre to the nearest lung pixel of its central slice ``lungs``,
+    on the pocket's slices, as wide as the pocket there."""
+    grid = scene.grid
+    where = np.argwhere(lungs)
+    if len(where) == 0:
+        return
+    c = np.asarray(centre[1:], float)
+    end = where[np.argmin(((where - c) ** 2).sum(axis=1))].astype(float)
+    seg = end - c
+    length2 = max(float(seg @ seg), 1e-9)
+    yy, xx = np.mgrid[0:grid.n, 0:grid.n].astype(np.float32)
+    t = np.clip(((yy - c[0]) * seg[0] + (xx - c[1]) * seg[1]) / length2, 0, 1)
+    dist_mm = np.hypot(yy - (c[0] + t * seg[0]), xx - (c[1] + t * seg[1])) * grid.ps
+    half_width = min(extent[1], extent[2])
+    for kk in range(grid.shape[0]):
+        u = ((grid.slice_z[kk] - zc) / extent[0]) ** 2
+        if u < 1:
+            scene.forced_lung[kk] = scene.forced_lung[kk] | (dist_mm < half_width * math.sqrt(1 - u))
 
 
 # --------------------------------------------------------------------------

@@ -277,29 +277,55 @@ def finding_masks(probs: np.ndarray, starts: np.ndarray, shape: Sequence[int], s
     return labels, kept
 
 
-#: What the rescoring reads of each candidate (:func:`candidate_features`).
-RESCORE_FEATURES = ("cnn_logit", "log_rank", "log_response", "log_radius_mm")
+#: What :func:`candidate_features` measures of each candidate.
+CANDIDATE_FEATURES = ("cnn_logit", "log_rank", "log_response", "log_radius_mm")
+
+#: What the rescoring reads: the network's score and the candidate's rank by blob-likeness. The LoG response
+#: and scale are left out: fitted on a few development scans, which hold few large nodules, their weights
+#: extrapolate to masses (a scale 8 SD above the development mean took a 31 mm mass the network scored 0.97
+#: down to 0.30). ``python benchmarks/detector.py`` compares the feature sets.
+RESCORE_FEATURES = ("cnn_logit", "log_rank")
 
 
 def candidate_features(p_cnn: np.ndarray, response: np.ndarray, radius_mm: np.ndarray) -> np.ndarray:
-    """(K, 4) features of a scan's K candidates, in candidate order (most blob-like first): see RESCORE_FEATURES."""
+    """(K, 4) features of a scan's K candidates, in candidate order (most blob-like first): see CANDIDATE_FEATURES."""
     p = np.clip(np.asarray(p_cnn, np.float64), 1e-6, 1 - 1e-6)
     k = len(p)
     return np.stack([np.log(p / (1 - p)), np.log1p(np.arange(k)), np.log(np.maximum(response, 1.0)),
-                     np.log(np.maximum(radius_mm, 0.1))], axis=1).reshape(k, len(RESCORE_FEATURES))
+                     np.log(np.maximum(radius_mm, 0.1))], axis=1).reshape(k, len(CANDIDATE_FEATURES))
+
+
+def feature_columns(names: Sequence[str]) -> list[int]:
+    """Columns of :func:`candidate_features` holding ``names``."""
+    unknown = [n for n in names if n not in CANDIDATE_FEATURES]
+    if unknown:
+        raise ValueError(f"unknown candidate features {unknown}; known: {CANDIDATE_FEATURES}")
+    return [CANDIDATE_FEATURES.index(n) for n in names]
 
 
 class Rescorer(LogisticRegression):
-    """p(nodule) from the network's score and the candidate's own evidence: logistic regression on :func:`candidate_features`.
+    """p(nodule) from the network's score and the candidate's own evidence: logistic regression on
+    :data:`RESCORE_FEATURES` of :func:`candidate_features`.
 
     The network has only seen the backgrounds it trained on; the candidate's
-    rank by blob-likeness, its LoG response and scale are the same on any
-    scanner. Fitted on development data (``lungseg train-det``: the val
-    split), with standardised features and a weak L2 penalty
-    (:class:`lungseg.logistic.LogisticRegression`).
+    rank by blob-likeness is the same on any scanner. Fitted on development
+    data (``lungseg train-det``: the val split), with standardised features and
+    a weak L2 penalty (:class:`lungseg.logistic.LogisticRegression`). Called on
+    the full :func:`candidate_features`, it reads its own columns, so a
+    checkpoint fitted on another subset of :data:`CANDIDATE_FEATURES` still loads.
     """
 
     FEATURES = RESCORE_FEATURES
+
+    @classmethod
+    def from_dict(cls, d: dict, features: Sequence[str] | None = None) -> "Rescorer":
+        names = tuple(features) if features is not None else tuple(d.get("features", ()))
+        feature_columns(names)
+        return super().from_dict(d, features=names)
+
+    def decision(self, x: np.ndarray) -> np.ndarray:
+        """The log-odds of each row of :func:`candidate_features`."""
+        return super().decision(np.asarray(x)[:, feature_columns(self.features)])
 
 
 def p_nodule(model, rois: np.ndarray, response: np.ndarray, radius_mm: np.ndarray, rescorer: Rescorer | None, *,
@@ -375,7 +401,7 @@ def calibrate(checkpoint, cache_path, split: str = "val") -> dict:
     y = np.concatenate(ys)
     if len(set(y.tolist())) < 2:
         raise TrainingError(f"{cache_path}: the {split} scans' candidates hold one class only; cannot calibrate")
-    rescorer = Rescorer.fit(np.concatenate(xs), y)
+    rescorer = Rescorer.fit(np.concatenate(xs)[:, feature_columns(RESCORE_FEATURES)], y)
     target = float(ckpt["config"]["target_fp_per_scan"])
     result = metrics.froc([f["froc"] for f in cache_findings(model, cache, uids, device=device, rescorer=rescorer)],
                           max_findings=FROC_MAX_FINDINGS)

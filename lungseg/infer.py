@@ -55,7 +55,7 @@ from .device import precision_context, resolve_device
 from .dicomio import CTVolume, find_series, read_nifti_volume, read_series, write_nifti
 from .errors import LungsegError
 from .malignancy import load_hybrid, probabilities
-from .preprocess import PreprocessConfig, crop, lung_mask, mask_to_grid, resample, resampled_shape, roi_start, window
+from .preprocess import PreprocessConfig, crop, mask_to_grid, resample, resampled_shape, roi_start, scan_lungs, window
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ def model_grid(volume: CTVolume, pre: PreprocessConfig) -> tuple[np.ndarray, np.
     """A series' HU and lung mask on the model grid, as prediction sees them (no nodule mask to help the lungs)."""
     hu_r = resample(volume.hu, volume.spacing, pre.spacing,
                     shape=resampled_shape(volume.shape, volume.spacing, pre.spacing))
-    return hu_r, lung_mask(hu_r, pre.spacing, threshold=pre.lung_threshold_hu, closing_mm=pre.lung_closing_mm)
+    return hu_r, scan_lungs(hu_r, pre)
 
 
 def predict_volume(volume: CTVolume, models: Models, cfg: PredictConfig = PredictConfig()) -> Prediction:

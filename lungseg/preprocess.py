@@ -136,6 +136,17 @@ def lung_mask(hu: np.ndarray, spacing: Sequence[float], *, threshold: float = -3
     return out
 
 
+def scan_lungs(hu: np.ndarray, cfg: PreprocessConfig, include: np.ndarray | None = None) -> np.ndarray:
+    """The lung mask of a resampled HU volume with ``cfg``'s settings (:func:`lung_mask`).
+
+    Without ``include`` this is the mask ``predict`` sees, and the one the
+    detector's candidates come from everywhere; the cache's ``lung`` arrays
+    also include the known nodules' masks.
+    """
+    return lung_mask(hu, cfg.spacing, threshold=cfg.lung_threshold_hu, closing_mm=cfg.lung_closing_mm,
+                     include=include)
+
+
 def roi_centre(shape: Sequence[int]) -> np.ndarray:
     """The voxel an ROI is centred on: ``shape // 2`` per axis (voxel 8, 24, 24 of 16 x 48 x 48).
 
@@ -330,8 +341,7 @@ def scan_record(volume: CTVolume, masks: Sequence[tuple[np.ndarray, tuple[slice,
     ratio = np.asarray(volume.spacing) / np.asarray(cfg.spacing)
     nodule_masks = [mask_to_grid(mask, box, ratio, new_shape) for mask, box in masks]
     union = np.any(nodule_masks, axis=0) if nodule_masks else np.zeros(new_shape, bool)
-    lungs = lung_mask(hu, cfg.spacing, threshold=cfg.lung_threshold_hu,
-                      closing_mm=cfg.lung_closing_mm, include=union)
+    lungs = scan_lungs(hu, cfg, include=union)
     image = window(hu, *cfg.window)
 
     starts = subcase_starts(lungs, cfg.subcase_shape)
@@ -373,7 +383,9 @@ def scan_record(volume: CTVolume, masks: Sequence[tuple[np.ndarray, tuple[slice,
         [np.asarray(o["centroid_voxel"]) * ratio for o in irrelevant], np.float32).reshape(len(irrelevant), 3)
     arrays["irrelevant/diameter_mm"] = np.asarray([o["diameter_mm"] for o in irrelevant], np.float32)
     if cfg.candidates:
-        arrays.update(_candidate_arrays(hu, lungs, image, union, centres, rows, arrays, cfg))
+        # The detector looks where predict looks: in the lungs found without the nodules' masks.
+        blind = scan_lungs(hu, cfg) if union.any() else lungs
+        arrays.update(_candidate_arrays(hu, blind, image, union, centres, rows, arrays, cfg))
 
     voxel_ml = float(np.prod(cfg.spacing)) / 1000.0
     attrs = {
@@ -544,7 +556,7 @@ def preprocess_composites(root: str | os.PathLike, out: str | os.PathLike,
 
 __all__ = [
     "PreprocessConfig", "preprocess_scan", "preprocess_composite", "scan_record", "measure_nodule",
-    "preprocess_dataset", "preprocess_composites", "select_scans", "lung_mask",
+    "preprocess_dataset", "preprocess_composites", "select_scans", "lung_mask", "scan_lungs",
     "resample", "resampled_shape", "window", "crop", "roi_centre", "roi_start", "subcase_starts",
     "MODEL_INPUT_FIELDS", "input_mismatch",
 ]

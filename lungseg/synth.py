@@ -39,7 +39,8 @@ diaphragm dome sinks below a low nodule, and the apices rise, the heart shrinks
 or the mediastinum narrows until each nodule's centre is in the lungs. Every
 nodule's outline is made lung before the nodule is drawn (juxta-pleural nodules
 therefore touch the chest wall), and a nodule whose centre still lies outside
-the lungs (in the hilum, say) gets a pocket of lung around it.
+the lungs (in the hilum, say) gets a pocket of lung around it, joined to the
+nearest lung.
 
 For speed, tests can draw fewer slices (``max_slices``, at the record's z
 positions) or coarser pixels (``downsample``); such a twin no longer matches

@@ -72,14 +72,28 @@ def test_finding_masks_take_the_component_nearest_the_centre_and_keep_earlier_vo
 
 def test_rescorer_learns_which_feature_tells_and_round_trips():
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(400, 4))
+    x = rng.normal(size=(400, len(detect.CANDIDATE_FEATURES)))
     y = (x[:, 1] + 0.3 * rng.normal(size=400) < 0).astype(int)      # a low rank (feature 1) means nodule
-    r = detect.Rescorer.fit(x, y)
-    assert r.weights[1] < -1 and np.abs(r.weights[[0, 2, 3]]).max() < 0.5 * abs(r.weights[1])
+    cols = detect.feature_columns(detect.RESCORE_FEATURES)
+    r = detect.Rescorer.fit(x[:, cols], y)
+    rank = detect.RESCORE_FEATURES.index("log_rank")
+    assert r.weights[rank] < -1 and np.abs(np.delete(r.weights, rank)).max() < 0.5 * abs(r.weights[rank])
     again = detect.Rescorer.from_dict(r.to_dict())
-    assert np.allclose(again(x), r(x)) and ((r(x) > 0.5) == y).mean() > 0.85
+    assert np.allclose(again(x), r(x)) and ((r(x) > 0.5) == y).mean() > 0.85     # called on all the features
     f = detect.candidate_features(np.array([0.5, 0.9]), np.array([100.0, 50.0]), np.array([3.0, 6.0]))
     assert f.shape == (2, 4) and f[0, 0] == 0 and f[1, 1] == np.log(2)
+
+
+def test_a_rescorer_fitted_on_other_candidate_features_still_loads_and_reads_its_own():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, len(detect.CANDIDATE_FEATURES)))
+    y = (x[:, 3] > 0).astype(int)                                       # the scale alone tells
+    r = detect.Rescorer.fit(x[:, [0, 3]], y, features=["cnn_logit", "log_radius_mm"])
+    again = detect.Rescorer.from_dict(r.to_dict())
+    assert again.features == ("cnn_logit", "log_radius_mm") and np.allclose(again(x), r(x))
+    assert ((again(x) > 0.5) == y).mean() > 0.95
+    with pytest.raises(ValueError, match="unknown candidate features"):
+        detect.Rescorer.from_dict({**r.to_dict(), "features": ["cnn_logit", "colour"]})
 
 
 def test_candidate_net_gives_two_logits():
