@@ -137,13 +137,22 @@ def test_contrast_brightens_the_blood():
 # Nodules, tubes, vessels
 # --------------------------------------------------------------------------
 
-def test_a_nodule_outside_the_lungs_gets_a_pocket_of_lung():
+def test_a_nodule_outside_the_lungs_gets_a_pocket_of_lung_joined_to_the_lung():
+    from scipy import ndimage
+
     grid, body, scene = body_and_scene()
     k = mid_lung_slice(grid, body)
-    spine = Outline.ball(grid, (k, int(round((body.cy + body.y_vb) / grid.ps)), int(round(body.cx / grid.ps))), 8.0)
-    assert anatomy.force_lungs_around_nodules(scene, [spine]) == [False]       # in a vertebral body
+    _, before, inside = paint(scene)
+    far = ndimage.distance_transform_edt(~before[k]) * grid.ps * inside[k]
+    centre = (k, *np.unravel_index(np.argmax(far), far.shape))                 # the body's farthest from the lungs
+    assert far[centre[1:]] > 30
+    nodule = Outline.ball(grid, centre, 4.0)
+    assert anatomy.force_lungs_around_nodules(scene, [nodule]) == [False]
     _, lungs, _ = paint(scene)
-    assert lungs[spine.box][spine.frac > 0].all()
+    assert lungs[nodule.box][nodule.frac > 0].all()
+    components, _ = ndimage.label(lungs[k])
+    pocket = components[centre[1:]]
+    assert pocket > 0 and (components == pocket)[before[k]].any()           # a recess of the lung, not an island
 
 
 def test_tubes_put_air_in_the_airways_and_vessels_stay_in_the_lungs():

@@ -211,3 +211,39 @@ def test_real_lidc_0001_preprocess_and_info(shared_data, tmp_path):
     # A rerun skips the finished scan.
     result = runner.invoke(main, ["preprocess", "--lidc-root", str(shared_data / "lidc"), "--out", str(out)])
     assert "0 scans written, 1 already cached" in result.output
+
+
+def test_candidates_come_from_the_lungs_predict_sees_not_from_the_known_masks():
+    """A nodule the lung mask misses (in an island of air in the chest wall) gets no candidate, though the cache's
+    lung mask includes the known nodules' masks; a nodule in the lung gets one."""
+    from dataclasses import replace
+
+    from conftest import tiny_luna_volume
+
+    from lungseg import lidc
+    from lungseg.preprocess import measure_nodule, scan_lungs, scan_record
+
+    volume = tiny_luna_volume(nodules=[(12, 46, 68, 4, 30)])
+    hu = volume.hu.copy()
+    z, r, c = np.indices(hu.shape)
+    ball = lambda rad: ((z - 12) * 2.5 / 1.5) ** 2 + (r - 14) ** 2 + (c - 48) ** 2 <= rad ** 2   # noqa: E731
+    hu[ball(6)] = -850                                                          # an island of air ...
+    hu[ball(3)] = 30                                                            # ... holding a nodule
+    volume = replace(volume, hu=hu)
+    masks, rows = [], []
+    for i, inside in enumerate([((z - 12) * 2.5 / 1.5) ** 2 + (r - 46) ** 2 + (c - 68) ** 2 <= 16, ball(3)]):
+        box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in np.nonzero(inside))
+        masks.append((inside[box], box))
+        rows.append({"index": i + 1, "n_readers": 4, "ratings": np.full((4, len(lidc.CHARACTERISTICS)), 3, np.int8),
+                     "ratings_majority": np.full(len(lidc.CHARACTERISTICS), 3, np.int8),
+                     "annotation_ids": np.full(4, -1, np.int32), "malignancy_median": 3.0, "label": -1,
+                     "long_axis_mm": float("nan"), **measure_nodule(inside[box], box, volume)})
+    record = scan_record(volume, masks, rows, TINY_CFG, {"patient_id": "P", "study_uid": "1", "series_uid": "2",
+                                                          "source": "test", "kind": "composite"})
+    a = record.arrays
+    hit = set(a["candidates/nodule"][a["candidates/label"] == 1].tolist())
+    assert hit == {0}                                                           # the lung nodule only
+    island = np.round(np.asarray(a["nodules/centroid_resampled"][1])).astype(int)
+    hu_r = resample(volume.hu, volume.spacing, TINY_CFG.spacing,
+                    shape=resampled_shape(volume.shape, volume.spacing, TINY_CFG.spacing))
+    assert not scan_lungs(hu_r, TINY_CFG)[tuple(island)]                        # predict's lungs miss it
