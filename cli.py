@@ -12,6 +12,7 @@ a broken command that reports its error; the rest of the CLI still works.
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from importlib.metadata import entry_points
@@ -65,6 +66,27 @@ class LungsegGroup(click.Group):
             return super().invoke(ctx)
         except LungsegError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            if exc.errno not in _USER_FIXABLE_ERRNOS:
+                raise
+            raise click.ClickException(os_error_message(exc)) from None
+
+
+#: File-system errors a user can fix (a path, permissions, space): one line, no traceback.
+_USER_FIXABLE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+                        errno.ENOENT, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG}
+
+
+def os_error_message(exc: OSError) -> str:
+    """``PATH: what went wrong`` for a file-system error, with what to do about a full disk or a read-only place."""
+    where = exc.filename if exc.filename is not None else "output"
+    what = exc.strerror or str(exc)
+    hint = {errno.ENOSPC: "; free some space and run the command again (finished work is kept)",
+            errno.EDQUOT: "; free some space and run the command again (finished work is kept)",
+            errno.EROFS: "; choose a writable --out",
+            errno.EACCES: "; check the permissions or choose another --out",
+            errno.ENOTDIR: "; a file stands where a folder is needed"}.get(exc.errno, "")
+    return f"{where}: {what}{hint}"
 
 
 @click.group(cls=LungsegGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -213,6 +235,8 @@ def import_crops(crop_dir, out, spacing, window, roi_shape, pad_hu, indeterminat
                f"{counts['failed']} failed, {len(problems)} problem(s) reported")
     for p in problems:
         click.echo(f"  {p}", err=True)
+    if counts["failed"] and not counts["done"] + counts["skipped"]:
+        raise click.ClickException(f"{crop_dir}: every crop failed ({counts['failed']}); nothing imported")
     with cache.Cache(out) as c:
         click.echo(cache.format_summary(c.summary(), per_scan=False))
 

@@ -68,6 +68,7 @@ from .configs import CompositeConfig
 from .crops import CropRow, find_crops, read_crop
 from .dicomio import CTVolume, find_series, read_series, write_nifti, write_series
 from .errors import LungsegError
+from .files import write_text
 from .preprocess import lung_mask
 
 log = logging.getLogger(__name__)
@@ -451,9 +452,7 @@ def write_composite(out: str | os.PathLike, bg: Background, hu: np.ndarray, labe
         "nodules": rows,
         "irrelevant": list(bg.irrelevant),
     }
-    tmp = folder / ".nodules.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, done)
+    write_text(done, json.dumps(report, indent=2))
     return folder
 
 

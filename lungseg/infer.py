@@ -54,6 +54,7 @@ from .detect import Rescorer, candidates, finding_masks, p_nodule, segment_rois,
 from .device import precision_context, resolve_device
 from .dicomio import CTVolume, find_series, read_nifti_volume, read_series, write_nifti
 from .errors import LungsegError
+from .files import write_text
 from .malignancy import load_hybrid, probabilities
 from .preprocess import PreprocessConfig, crop, mask_to_grid, resample, resampled_shape, roi_start, scan_lungs, window
 
@@ -398,9 +399,7 @@ def write_report(out: Path, volume: CTVolume, pred: Prediction, *, checkpoints: 
         "nodules": pred.nodules,
     }
     figures.write_html(out, report)
-    tmp = out / ".nodules.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, done)
+    write_text(done, json.dumps(report, indent=2))
     return done
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .dicomio import CTVolume
+from .files import write_text
 
 #: HU window of the figures (lung parenchyma to soft tissue).
 WINDOW_HU = (-1000.0, 400.0)
@@ -162,11 +163,7 @@ of {spacing} mm (z, y, x); source <code>{esc(str(report['source']))}</code>; lun
 <p class="note"><b>{esc(report.get('disclaimer', ''))}</b></p>
 </body></html>
 """
-    path = folder / "report.html"
-    tmp = folder / ".report.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(folder / "report.html", page)
 
 
 __all__ = ["WINDOW_HU", "MIP_WINDOW_HU", "nodule_png", "describe", "overview_png", "write_html"]

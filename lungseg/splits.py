@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import SplitError
+from .files import replacing
 
 SPLITS = ("train", "val", "test")
 
@@ -38,13 +39,10 @@ DEFAULT_FRACTIONS = (0.85, 0.05, 0.10)
 
 def write_csv(path: str | os.PathLike, rows: Sequence[dict]) -> None:
     """Write dict rows as CSV (header from the first row), atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def read_split(path: str | os.PathLike) -> dict[str, str]:

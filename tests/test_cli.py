@@ -168,3 +168,17 @@ def test_models_says_so_in_one_line_when_none_are_bundled(monkeypatch, tmp_path)
     assert result.exit_code == 1 and "no models are bundled" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(main, ["predict", str(tmp_path), "--out", str(tmp_path / "o")])
     assert result.exit_code != 0 and "Traceback" not in result.output
+
+
+def test_file_system_errors_are_one_line(tmp_path):
+    """--out below a file, and the messages for a full disk or a read-only place."""
+    import errno
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = CliRunner().invoke(main, ["synth", "--out", str(blocker / "twins"), "--patient", "LIDC-IDRI-0001"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)       # not an uncaught error
+    assert "a file stands where a folder is needed" in result.output and str(blocker) in result.output
+    full = cli.os_error_message(OSError(errno.ENOSPC, "No space left on device", "/x/last.pt"))
+    assert full.startswith("/x/last.pt: No space left on device; free some space")
+    assert "writable --out" in cli.os_error_message(OSError(errno.EROFS, "Read-only file system", "/ro"))

@@ -116,6 +116,17 @@ def test_raw_values_are_refused_as_not_hu(tmp_path):
     assert result.status == "failed" and "Hounsfield" in result.message
 
 
+def test_cli_fails_when_every_crop_failed(tmp_path):
+    from cli import main
+
+    d = tmp_path / "raw"
+    write_crop(d, "P-1_R_1", background=200)
+    write_table(d, [("P-1", 1, 5)])
+    result = CliRunner().invoke(main, ["import-crops", str(d), "--out", str(tmp_path / "c.h5")])
+    assert result.exit_code == 1 and "every crop failed (1); nothing imported" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_presets_and_explicit_options():
     cpu = make_config("cls", "cpu")
     assert isinstance(cpu, ClsConfig) and cpu.width == 8 and cpu.lr == ClsConfig.lr
