@@ -51,6 +51,7 @@ from lungseg.errors import DicomError
 
 __all__ = [
     "CTVolume",
+    "check_chest_ct",
     "SeriesInfo",
     "find_series",
     "list_series",
@@ -756,6 +757,46 @@ def write_series(
     return paths
 
 
+#: What lungseg supports as a chest CT (:func:`check_chest_ct`): slice gap and pixel size (mm), slice count.
+SUPPORTED_SLICE_GAP_MM = (0.2, 10.0)
+SUPPORTED_PIXEL_MM = (0.2, 3.0)
+MIN_SLICES = 3
+#: Any chest CT holds air (outside the body, the airways, the lungs) and soft tissue (muscle, heart, vessels).
+AIR_HU, SOFT_TISSUE_HU, MIN_TISSUE_FRACTION = -900.0, (-150.0, 150.0), 0.01
+
+
+def check_chest_ct(volume: CTVolume, *, min_extent_mm: float = 0.0) -> None:
+    """Refuse, with a one-line :class:`~lungseg.errors.DicomError`, a volume lungseg cannot read as a chest CT.
+
+    Supported: at least :data:`MIN_SLICES` slices spanning ``min_extent_mm``
+    (the models' ROI depth), slice gaps and pixels within
+    :data:`SUPPORTED_SLICE_GAP_MM` and :data:`SUPPORTED_PIXEL_MM`, and
+    Hounsfield units: at least 1 % of the voxels air (<= -900 HU) and 1 %
+    soft tissue (-150 to 150 HU); real chest CT has some 40 % and 30 %. Data
+    stored without its rescale (air near 0 or +1000) or scaled (air at -500)
+    fail the air test.
+    """
+    where = volume.path or volume.series_uid or "volume"
+    n, (dz, dy, dx) = volume.shape[0], volume.spacing
+    if n < MIN_SLICES or n * dz < min_extent_mm:
+        raise DicomError(f"{where}: {n} slices of {dz:g} mm; lungseg needs a chest CT of at least {MIN_SLICES} "
+                         f"slices spanning {min_extent_mm:g} mm")
+    lo, hi = SUPPORTED_SLICE_GAP_MM
+    if not lo <= dz <= hi:
+        raise DicomError(f"{where}: slices {dz:g} mm apart; lungseg supports {lo:g} to {hi:g} mm")
+    lo, hi = SUPPORTED_PIXEL_MM
+    if not (lo <= dy <= hi and lo <= dx <= hi):
+        raise DicomError(f"{where}: pixels of {dy:g} x {dx:g} mm; lungseg supports {lo:g} to {hi:g} mm")
+    sample = volume.hu[::2, ::4, ::4]
+    air = float((sample <= AIR_HU).mean())
+    soft = float(((sample > SOFT_TISSUE_HU[0]) & (sample < SOFT_TISSUE_HU[1])).mean())
+    if air < MIN_TISSUE_FRACTION or soft < MIN_TISSUE_FRACTION:
+        raise DicomError(f"{where}: values do not look like chest CT Hounsfield units ({air:.1%} of voxels at or "
+                         f"below {AIR_HU:g} HU, {soft:.1%} between {SOFT_TISSUE_HU[0]:g} and {SOFT_TISSUE_HU[1]:g}; "
+                         f"a chest CT has about 40 % and 30 %; values {int(volume.hu.min())} to "
+                         f"{int(volume.hu.max())}): is the rescale (RescaleSlope, RescaleIntercept) missing or wrong?")
+
+
 def hu_volume(path: str | os.PathLike, data: np.ndarray, min_hu_below: float | None = -500.0) -> np.ndarray:
     """Image values read from ``path`` as int16 HU, refused when they do not look like HU.
 
@@ -764,6 +805,8 @@ def hu_volume(path: str | os.PathLike, data: np.ndarray, min_hu_below: float | N
     without the rescale). ``None`` for tight crops that may hold no air. The
     one rule of lungseg's readers of non-DICOM images (NIfTI, MetaImage).
     """
+    if data.size and np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        raise DicomError(f"{path}: {int((~np.isfinite(data)).sum())} voxels are not finite (NaN or infinite)")
     low = float(np.min(data)) if data.size else 0.0
     if data.size == 0 or (low >= 0 if min_hu_below is None else low > min_hu_below):
         raise DicomError(f"{path}: values do not look like Hounsfield units (minimum "

@@ -52,7 +52,7 @@ from .checkpoints import check_input, describe, load_model
 from .configs import MODEL_INPUT_FIELDS, DetectConfig, PredictConfig  # noqa: F401  (re-exported)
 from .detect import Rescorer, candidates, finding_masks, p_nodule, segment_rois, suppress
 from .device import precision_context, resolve_device
-from .dicomio import CTVolume, find_series, read_nifti_volume, read_series, write_nifti
+from .dicomio import CTVolume, check_chest_ct, find_series, read_nifti_volume, read_series, write_nifti
 from .errors import LungsegError
 from .files import write_text
 from .malignancy import load_hybrid, probabilities
@@ -269,6 +269,7 @@ def predict_volume(volume: CTVolume, models: Models, cfg: PredictConfig = Predic
     timings = {}
     t = time.perf_counter()
     pre = models.preprocess
+    check_chest_ct(volume, min_extent_mm=pre.roi_shape[0] * pre.spacing[0])
     hu_r, lungs_r = model_grid(volume, pre)
     image_r = window(hu_r, *pre.window)
     timings["preprocess_s"] = time.perf_counter() - t

@@ -593,3 +593,61 @@ def test_slice_z_world_is_each_slices_world_z(tmp_path):
     assert z.shape == (volume.shape[0],)
     np.testing.assert_allclose(z, [volume.voxel_to_world([k, 5, 7])[2] for k in range(volume.shape[0])])
     np.testing.assert_allclose(np.diff(z), volume.spacing[0])
+
+
+# --------------------------------------------------------------------------
+# What lungseg supports as a chest CT (check_chest_ct)
+# --------------------------------------------------------------------------
+
+def _chest(**changes) -> CTVolume:
+    from dataclasses import replace
+
+    from conftest import tiny_luna_volume
+
+    return replace(tiny_luna_volume(), **changes)
+
+
+@pytest.mark.parametrize("changes, problem", [
+    ({"hu": None, "n": 2}, "2 slices of 2.5 mm"),
+    ({"spacing": (50.0, 1.5, 1.5)}, "slices 50 mm apart"),
+    ({"spacing": (2.5, 1e-9, 1e-9)}, "pixels of 1e-09 x 1e-09 mm"),
+    ({"offset": 1024}, "do not look like chest CT Hounsfield units"),      # stored values, no rescale
+    ({"scale": 0.5}, "do not look like chest CT Hounsfield units"),        # halved HU
+])
+def test_what_is_not_a_supported_chest_ct_is_refused_in_one_line(changes, problem):
+    volume = _chest()
+    if "n" in changes:
+        volume = _chest(hu=volume.hu[:changes["n"]], slice_positions=volume.slice_positions[:changes["n"]])
+    elif "spacing" in changes:
+        volume = _chest(spacing=changes["spacing"])
+    elif "offset" in changes:
+        volume = _chest(hu=(volume.hu + changes["offset"]).astype(np.int16))
+    else:
+        volume = _chest(hu=(volume.hu * changes["scale"]).astype(np.int16))
+    with pytest.raises(DicomError, match=problem) as info:
+        dicomio.check_chest_ct(volume, min_extent_mm=48)
+    assert "\n" not in str(info.value)
+
+
+def test_a_chest_ct_passes_and_a_short_one_does_not():
+    dicomio.check_chest_ct(_chest(), min_extent_mm=48)                          # 24 slices of 2.5 mm
+    with pytest.raises(DicomError, match="spanning 100 mm"):
+        dicomio.check_chest_ct(_chest(), min_extent_mm=100)
+
+
+def test_real_scans_are_supported_chest_ct(shared_data):
+    folders = [shared_data / "lidc" / "LIDC-IDRI-0001", shared_data / "ct" / "Lung_Dx-A0002"]
+    if not all(f.is_dir() for f in folders):
+        pytest.skip("real scans not found")
+    for folder in folders:
+        dicomio.check_chest_ct(read_series(folder), min_extent_mm=48)
+
+
+def test_nifti_with_nan_voxels_is_refused(tmp_path):
+    volume = _chest()
+    data = volume.hu.astype(np.float32)
+    data[3, 10, 10] = np.nan
+    path = tmp_path / "nan.nii.gz"
+    write_nifti(data, volume, path, dtype=np.float32)
+    with pytest.raises(DicomError, match="1 voxels are not finite"):
+        dicomio.read_nifti_volume(path)

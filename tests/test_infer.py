@@ -164,3 +164,26 @@ def test_bad_input_is_refused_in_one_line(tiny_trained, tmp_path):
     swapped = CliRunner().invoke(main, ["predict", str(tiny_trained["root"]), "--seg", str(tiny_trained["cls"]),
                                         "--cls", str(tiny_trained["seg"]), "--out", str(tmp_path / "o")])
     assert swapped.exit_code == 1 and "expected a seg checkpoint" in swapped.output
+
+
+def test_a_series_without_its_rescale_fails_alone_in_one_line(tiny_trained, tmp_path):
+    """Stored values read as HU (no RescaleIntercept) would give a report of nothing: refused, the others go on."""
+    import pydicom
+
+    from cli import main
+
+    root = tmp_path / "tree"
+    shutil.copytree(tiny_trained["root"], root)
+    raw = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    for f in (p for p in raw.rglob("*") if p.is_file()):
+        ds = pydicom.dcmread(f)
+        for keyword in ("RescaleIntercept", "RescaleSlope", "RescaleType"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.save_as(f)
+    result = CliRunner().invoke(main, ["predict", str(root), "--seg", str(tiny_trained["seg"]),
+                                       "--cls", str(tiny_trained["cls"]), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    failed = [line for line in result.output.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 1 and str(raw) in failed[0] and "do not look like chest CT Hounsfield units" in failed[0]
+    assert result.output.count("done: ") == 2 and "1 series failed" in result.output
