@@ -135,11 +135,8 @@ def test_predict_over_a_tree_resumes_and_reports_failures(tiny_trained, tmp_path
     broken = runs[2][0].path
     sorted(broken.iterdir())[5].unlink()                            # a missing slice in another series
     third = list(infer.predict(root, tiny_trained["seg"], tiny_trained["cls"], out))
-    assert [s for _, s, _ in third] == ["skipped", "done", "skipped"]
-    shutil.rmtree(out / runs[2][0].name)
-    fourth = list(infer.predict(root, tiny_trained["seg"], tiny_trained["cls"], out))
-    assert fourth[2][1] == "failed" and "missing slice" in fourth[2][2]
-    assert not (out / runs[2][0].name / "nodules.json").exists()
+    assert [s for _, s, _ in third] == ["skipped", "done", "failed"]    # its input changed: read again
+    assert "missing slice" in third[2][2] and not (out / runs[2][0].name / "nodules.json").exists()
     report = json.loads((out / runs[0][0].name / "nodules.json").read_text())
     assert report["checkpoints"]["seg"]["sha256"] == checkpoints.sha256(tiny_trained["seg"])
 
@@ -187,3 +184,35 @@ def test_a_series_without_its_rescale_fails_alone_in_one_line(tiny_trained, tmp_
     failed = [line for line in result.output.splitlines() if line.startswith("failed:")]
     assert len(failed) == 1 and str(raw) in failed[0] and "do not look like chest CT Hounsfield units" in failed[0]
     assert result.output.count("done: ") == 2 and "1 series failed" in result.output
+
+
+def test_two_inputs_never_share_a_report(volume, models, tmp_path):
+    """scan.v1.nii.gz beside scan.v2.nii.gz, and an edited copy of a series (same UIDs): each gets its own report."""
+    v1, v2 = tmp_path / "in" / "scan.v1.nii.gz", tmp_path / "in" / "scan.v2.nii.gz"
+    v1.parent.mkdir()
+    dicomio.write_nifti(volume.hu, volume, v1, dtype=np.int16)
+    edited = volume.hu.copy()
+    edited[volume.hu > -500] = 0                                       # soft tissue flattened
+    dicomio.write_nifti(edited, volume, v2, dtype=np.int16)
+    jobs = [infer.find_inputs(v)[0] for v in (v1, v2)]
+    assert [j.name for j in jobs] == ["scan.v1", "scan.v2"]
+    out = tmp_path / "out"
+    settings = {"checkpoints": {}, "settings": {}}
+    first = list(infer.report_each(jobs, out, lambda v: infer.predict_volume(v, models), **settings))
+    assert [s for _, s, _ in first] == ["done", "done"]
+    # The same name for another input (scan.v1 overwritten by v2's data): predicted again, not "skipped".
+    shutil.copy(v2, v1)
+    again = list(infer.report_each(jobs, out, lambda v: infer.predict_volume(v, models), **settings))
+    assert [s for _, s, _ in again] == ["done", "skipped"]
+    a, b = (json.loads((out / n / "nodules.json").read_text()) for n in ("scan.v1", "scan.v2"))
+    assert a["input_sha256"] == b["input_sha256"] and a["n_nodules"] == b["n_nodules"]
+
+
+def test_an_edited_copy_of_a_series_gets_its_own_report_folder(tiny_trained, tmp_path):
+    root = tmp_path / "tree"
+    series = sorted(p for p in tiny_trained["root"].iterdir() if p.is_dir())[0]
+    shutil.copytree(series, root / "original")
+    shutil.copytree(series, root / "edited")
+    jobs = infer.find_inputs(root)
+    assert len(jobs) == 2 and jobs[0].series_uid == jobs[1].series_uid
+    assert sorted(j.name for j in jobs) == sorted([jobs[0].series_uid, jobs[0].series_uid + "-2"])
