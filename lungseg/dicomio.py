@@ -170,11 +170,17 @@ def list_series(folder: str | os.PathLike) -> list[SeriesInfo]:
     return _group_series(folder, _read_headers(folder))
 
 
-def find_series(root: str | os.PathLike) -> list[SeriesInfo]:
-    """List the series in ``root`` and every folder below it, one entry per (folder, series)."""
+def find_series(root: str | os.PathLike, errors: list[tuple[str, str]] | None = None) -> list[SeriesInfo]:
+    """List the series in ``root`` and every folder below it, one entry per (folder, series).
+
+    Symbolic links to folders are followed (each real folder once, so a link
+    loop ends). A folder holding a file that cannot be read raises a
+    :class:`~lungseg.errors.DicomError`; with an ``errors`` list, it is
+    appended there as (folder, message) instead and the walk goes on.
+    """
     root = _check_folder(root)
     found: list[SeriesInfo] = []
-    for folder, headers in _walk_headers(root):
+    for folder, headers in _walk_headers(root, errors):
         found.extend(_group_series(folder, headers))
     return found
 
@@ -228,11 +234,24 @@ def _should_have_pixels(ds: Dataset) -> bool:
     return not known_non_image
 
 
-def _walk_headers(root: str) -> Iterator[tuple[str, dict[str, Dataset]]]:
-    """Yield (folder, headers) for ``root`` and each folder below it holding DICOM files."""
-    for folder, subdirs, _files in os.walk(root):
+def _walk_headers(root: str, errors: list[tuple[str, str]] | None = None
+                  ) -> Iterator[tuple[str, dict[str, Dataset]]]:
+    """Yield (folder, headers) for ``root`` and each folder below it holding DICOM files (links followed once)."""
+    seen: set[str] = set()
+    for folder, subdirs, _files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subdirs[:] = []
+            continue
+        seen.add(real)
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        headers = _read_headers(folder)
+        try:
+            headers = _read_headers(folder)
+        except DicomError as exc:
+            if errors is None:
+                raise
+            errors.append((folder, str(exc)))
+            continue
         if headers:
             yield folder, headers
 

@@ -421,13 +421,15 @@ class SeriesJob:
     """One input series: a DICOM folder (with its series UID) or a NIfTI file.
 
     ``name`` is its report folder under ``--out``; ``files`` are the files it
-    is read from (their bytes make :func:`input_sha256`; none: the ``path``).
+    is read from (their bytes make :func:`input_sha256`; none: the ``path``);
+    ``problem``: why a folder of the tree could not be read (the job fails).
     """
 
     path: Path
     series_uid: str | None
     name: str
     files: tuple[str, ...] = ()
+    problem: str | None = None
 
 
 def input_sha256(job: SeriesJob) -> str:
@@ -465,10 +467,12 @@ def find_inputs(source: str | os.PathLike) -> list[SeriesJob]:
         if not source.name.endswith((".nii", ".nii.gz")):
             raise LungsegError(f"{source}: expected a DICOM folder or a .nii/.nii.gz file")
         return [SeriesJob(source, None, nifti_stem(source), (str(source),))]
-    series = [s for s in find_series(source) if s.modality == "CT"]
-    if not series:
+    errors: list[tuple[str, str]] = []
+    series = [s for s in find_series(source, errors) if s.modality == "CT"]
+    if not series and not errors:
         raise LungsegError(f"{source}: no CT series found in this folder or below it")
-    return unique_names([SeriesJob(Path(s.folder), s.series_uid, s.series_uid, tuple(s.files)) for s in series])
+    return unique_names([SeriesJob(Path(s.folder), s.series_uid, s.series_uid, tuple(s.files)) for s in series] +
+                        [SeriesJob(Path(f), None, Path(f).name, problem=message) for f, message in errors])
 
 
 def checkpoint_paths(seg=None, cls=None, det=None) -> tuple[Path, Path, Path | None]:
@@ -523,6 +527,9 @@ def report_each(jobs: Sequence[SeriesJob], out: str | os.PathLike, predict_fn: C
     out = Path(out)
     for job in jobs:
         folder = out / job.name
+        if job.problem:
+            yield job, "failed", job.problem
+            continue
         try:
             t = time.perf_counter()
             sha = input_sha256(job)

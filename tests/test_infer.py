@@ -216,3 +216,25 @@ def test_an_edited_copy_of_a_series_gets_its_own_report_folder(tiny_trained, tmp
     jobs = infer.find_inputs(root)
     assert len(jobs) == 2 and jobs[0].series_uid == jobs[1].series_uid
     assert sorted(j.name for j in jobs) == sorted([jobs[0].series_uid, jobs[0].series_uid + "-2"])
+
+
+def test_a_tree_with_an_unreadable_file_and_linked_series(tiny_trained, tmp_path):
+    """One broken series fails alone; series behind symbolic links are found, a link loop ends."""
+    root = tmp_path / "tree"
+    root.mkdir()
+    store = tmp_path / "store"
+    shutil.copytree(tiny_trained["root"], store)
+    series = sorted(p for p in store.iterdir() if p.is_dir())
+    (root / "a").symlink_to(series[0], target_is_directory=True)
+    (root / "b").symlink_to(series[1], target_is_directory=True)
+    (root / "b" / "loop").symlink_to(root, target_is_directory=True)
+    broken = root / "broken"
+    shutil.copytree(series[2], broken)
+    victim = sorted(p for p in broken.rglob("*") if p.is_file())[3]
+    victim.rename(victim.with_name("slice.dcm"))
+    victim.with_name("slice.dcm").write_bytes(b"not dicom at all")
+    jobs = infer.find_inputs(root)
+    assert len(jobs) == 3 and sum(j.problem is not None for j in jobs) == 1
+    assert "slice.dcm: not a readable DICOM file" in next(j.problem for j in jobs if j.problem)
+    runs = list(infer.predict(root, tiny_trained["seg"], tiny_trained["cls"], tmp_path / "out"))
+    assert sorted(s for _, s, _ in runs) == ["done", "done", "failed"]
