@@ -96,6 +96,9 @@ def main(verbose: int) -> None:
     """Lung-nodule CAD for chest CT: preprocess LIDC-IDRI, train, evaluate, predict."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if verbose < 2:     # pydicom's decoders log each failed plugin with a traceback; lungseg reports it in one line
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(lambda record: not (record.name.startswith("pydicom") and record.exc_info))
 
 
 # --------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """cli.py: fast help for every command, plugins (good and broken), one-line errors."""
 
 import subprocess
+from pathlib import Path
 import sys
 from importlib.metadata import EntryPoint
 
@@ -182,3 +183,15 @@ def test_file_system_errors_are_one_line(tmp_path):
     full = cli.os_error_message(OSError(errno.ENOSPC, "No space left on device", "/x/last.pt"))
     assert full.startswith("/x/last.pt: No space left on device; free some space")
     assert "writable --out" in cli.os_error_message(OSError(errno.EROFS, "Read-only file system", "/ro"))
+
+
+def test_a_failed_decode_is_one_line_without_pydicom_tracebacks(tmp_path, tiny_trained):
+    from pydicom.uid import JPEG2000Lossless
+    from test_dicomio import write_series
+
+    written = write_series(tmp_path / "in", transfer_syntax=JPEG2000Lossless)
+    out = subprocess.run([sys.executable, "cli.py", "predict", str(written.folder), "--out", str(tmp_path / "o"),
+                          "--seg", str(tiny_trained["seg"]), "--cls", str(tiny_trained["cls"])],
+                         capture_output=True, text=True, cwd=Path(cli.__file__).parent)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "cannot decode pixel data compressed as 'JPEG 2000" in out.stderr and "1 series failed" in out.stderr
