@@ -52,6 +52,8 @@ from lungseg.errors import DicomError
 __all__ = [
     "CTVolume",
     "check_chest_ct",
+    "reorient_to_axial",
+    "Reorientation",
     "SeriesInfo",
     "find_series",
     "list_series",
@@ -154,6 +156,90 @@ class CTVolume:
         pts = np.asarray(xyz, dtype=np.float64)
         affine = self.affine_lps()
         return (pts - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
+
+
+# --------------------------------------------------------------------------- orientation
+
+#: lungseg's internal frame: array axes (z, y, x) along LPS +S (feet to head), +P (front to back), +L (right to left).
+AXIAL = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+#: Largest angle (degrees) between an array axis and the LPS axis it is taken for; beyond it, a volume is oblique.
+MAX_OBLIQUE_DEGREES = 20.0
+
+
+@dataclass(frozen=True)
+class Reorientation:
+    """How a volume's array maps onto lungseg's axial frame: axial axis ``i`` is source axis ``perm[i]``,
+    reversed where ``flip[i]``. The identity for an axial series in ascending order."""
+
+    perm: tuple[int, int, int]
+    flip: tuple[bool, bool, bool]
+    source_shape: tuple[int, int, int]
+
+    @property
+    def identity(self) -> bool:
+        return self.perm == (0, 1, 2) and not any(self.flip)
+
+    @property
+    def axial_shape(self) -> tuple[int, int, int]:
+        return tuple(self.source_shape[p] for p in self.perm)
+
+    def to_axial(self, array: np.ndarray) -> np.ndarray:
+        """A (z, y, x) array on the source grid, on the axial grid (a view)."""
+        out = np.transpose(array, self.perm)
+        return np.flip(out, [i for i in range(3) if self.flip[i]]) if any(self.flip) else out
+
+    def to_source(self, array: np.ndarray) -> np.ndarray:
+        """An array on the axial grid, back on the source grid (a view)."""
+        if any(self.flip):
+            array = np.flip(array, [i for i in range(3) if self.flip[i]])
+        return np.transpose(array, np.argsort(self.perm))
+
+    def index_to_source(self, index: Sequence[float]) -> np.ndarray:
+        """An axial voxel index (z, y, x), fractional allowed, as the source's."""
+        axial = np.asarray(index, float)
+        out = np.empty(3)
+        for i, p in enumerate(self.perm):
+            out[p] = (self.source_shape[p] - 1 - axial[i]) if self.flip[i] else axial[i]
+        return out
+
+    def index_to_axial(self, index: Sequence[float]) -> np.ndarray:
+        """A source voxel index (z, y, x) as the axial grid's."""
+        source = np.asarray(index, float)
+        return np.array([(self.source_shape[p] - 1 - source[p]) if self.flip[i] else source[p]
+                         for i, p in enumerate(self.perm)])
+
+
+def reorient_to_axial(volume: CTVolume) -> tuple[CTVolume, Reorientation]:
+    """The volume in lungseg's axial frame (:data:`AXIAL`), and how to map back.
+
+    A coronal or sagittal series, a NIfTI with permuted or flipped axes, an
+    axial stack stored head first: any volume whose axes lie within
+    :data:`MAX_OBLIQUE_DEGREES` of the patient's axes is transposed and flipped
+    (no resampling); an oblique one is refused with a one-line
+    :class:`~lungseg.errors.DicomError`.
+    """
+    cosines = AXIAL.T @ np.asarray(volume.direction, float)      # [i, j]: axial axis i . source axis j
+    perm = tuple(int(j) for j in np.argmax(np.abs(cosines), axis=1))
+    worst = min(abs(cosines[i, perm[i]]) for i in range(3))
+    if sorted(perm) != [0, 1, 2] or worst < np.cos(np.radians(MAX_OBLIQUE_DEGREES)):
+        angle = np.degrees(np.arccos(np.clip(worst, 0, 1)))
+        raise DicomError(f"{volume.path or volume.series_uid}: oblique orientation (an axis {angle:.0f} degrees from "
+                         f"the patient's axes; direction {np.round(volume.direction, 3).tolist()}); resample it to "
+                         "an axial, coronal or sagittal grid first")
+    flip = tuple(bool(cosines[i, perm[i]] < 0) for i in range(3))
+    ro = Reorientation(perm, flip, volume.shape)
+    if ro.identity:
+        return volume, ro
+    direction = np.column_stack([volume.direction[:, p] * (-1 if f else 1) for p, f in zip(perm, flip)])
+    origin = volume.voxel_to_world(ro.index_to_source([0, 0, 0]))
+    spacing = tuple(float(volume.spacing[p]) for p in perm)
+    positions = float(origin @ direction[:, 0]) + spacing[0] * np.arange(ro.axial_shape[0])
+    axial = CTVolume(hu=np.ascontiguousarray(ro.to_axial(volume.hu)), spacing=spacing,
+                     origin=tuple(float(v) for v in origin), direction=direction, slice_positions=positions,
+                     patient_id=volume.patient_id, study_uid=volume.study_uid, series_uid=volume.series_uid,
+                     sop_uids=(), files=volume.files, path=volume.path)
+    logger.info("%s: axes reordered %s, flipped %s, into the axial frame", volume.path, perm, flip)
+    return axial, ro
 
 
 # --------------------------------------------------------------------------- discovery

@@ -54,7 +54,8 @@ from .checkpoints import check_input, describe, load_model
 from .configs import MODEL_INPUT_FIELDS, DetectConfig, PredictConfig  # noqa: F401  (re-exported)
 from .detect import Rescorer, candidates, finding_masks, p_nodule, segment_rois, suppress
 from .device import precision_context, resolve_device
-from .dicomio import CTVolume, check_chest_ct, find_series, read_nifti_volume, read_series, write_nifti
+from .dicomio import (CTVolume, check_chest_ct, find_series, read_nifti_volume, read_series, reorient_to_axial,
+                      write_nifti)
 from .errors import LungsegError
 from .files import write_text
 from .malignancy import load_hybrid, probabilities
@@ -266,8 +267,23 @@ def predict_volume(volume: CTVolume, models: Models, cfg: PredictConfig = Predic
 
     With a detector (``models.det``) the findings are its (:func:`_detect`);
     without one, paper A's path: the segmenter over the lungs in overlapping
-    windows, its probability map thresholded into components.
+    windows, its probability map thresholded into components. A coronal,
+    sagittal or flipped volume is predicted in the axial frame
+    (:func:`lungseg.dicomio.reorient_to_axial`) and reported on its own grid:
+    masks and centroid indices are the source's, world coordinates the same.
     """
+    axial, ro = reorient_to_axial(volume)
+    pred = _predict_axial(axial, models, cfg)
+    if not ro.identity:
+        pred.labels = np.ascontiguousarray(ro.to_source(pred.labels))
+        pred.lungs = np.ascontiguousarray(ro.to_source(pred.lungs))
+        for n in pred.nodules:
+            n["centroid_voxel_zyx"] = [round(float(v), 2) for v in ro.index_to_source(n["centroid_voxel_zyx"])]
+    return pred
+
+
+def _predict_axial(volume: CTVolume, models: Models, cfg: PredictConfig) -> Prediction:
+    """:func:`predict_volume` on a volume in the axial frame."""
     timings = {}
     t = time.perf_counter()
     pre = models.preprocess

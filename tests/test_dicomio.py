@@ -651,3 +651,54 @@ def test_nifti_with_nan_voxels_is_refused(tmp_path):
     write_nifti(data, volume, path, dtype=np.float32)
     with pytest.raises(DicomError, match="1 voxels are not finite"):
         dicomio.read_nifti_volume(path)
+
+
+# --------------------------------------------------------------------------
+# Orientation: any permutation or flip of axial is read in the axial frame
+# --------------------------------------------------------------------------
+
+def test_an_axial_volume_is_left_as_it_is():
+    volume = _chest()
+    axial, ro = dicomio.reorient_to_axial(volume)
+    assert ro.identity and axial is volume
+
+
+def test_a_coronal_reformat_is_reoriented_exactly_and_maps_back():
+    from conftest import coronal_of
+
+    volume = _chest()
+    coronal = coronal_of(volume)
+    axial, ro = dicomio.reorient_to_axial(coronal)
+    assert not ro.identity and ro.perm == (1, 0, 2) and ro.flip == (True, False, False)
+    np.testing.assert_array_equal(axial.hu, volume.hu)
+    assert axial.spacing == pytest.approx(volume.spacing)
+    np.testing.assert_allclose(axial.origin, volume.origin, atol=1e-9)
+    np.testing.assert_allclose(axial.direction, volume.direction, atol=1e-12)
+    np.testing.assert_array_equal(ro.to_source(axial.hu), coronal.hu)
+    for index in ([0, 0, 0], [3.5, 10, 7], [95, 23, 95]):
+        back = ro.index_to_axial(index)
+        np.testing.assert_allclose(ro.index_to_source(back), index)
+        np.testing.assert_allclose(axial.voxel_to_world(back), coronal.voxel_to_world(index), atol=1e-9)
+
+
+def test_a_nifti_with_permuted_axes_reads_in_the_axial_frame(tmp_path):
+    from conftest import coronal_of
+
+    volume = _chest()
+    coronal = coronal_of(volume)
+    path = tmp_path / "coronal.nii.gz"
+    write_nifti(coronal.hu, coronal, path, dtype=np.int16)
+    axial, _ = dicomio.reorient_to_axial(dicomio.read_nifti_volume(path))
+    np.testing.assert_array_equal(axial.hu, volume.hu)
+
+
+def test_an_oblique_volume_is_refused_in_one_line():
+    from dataclasses import replace
+
+    volume = _chest()
+    tilted = replace(volume, direction=rotation(0.0, 0.0, np.radians(45)) @ volume.direction)
+    with pytest.raises(DicomError, match="oblique orientation .* resample it to an axial") as info:
+        dicomio.reorient_to_axial(tilted)
+    assert "\n" not in str(info.value)
+    slight = replace(volume, direction=rotation(0.0, 0.0, np.radians(5)) @ volume.direction)
+    assert dicomio.reorient_to_axial(slight)[1].identity                   # a small tilt is read as it is

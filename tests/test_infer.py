@@ -238,3 +238,38 @@ def test_a_tree_with_an_unreadable_file_and_linked_series(tiny_trained, tmp_path
     assert "slice.dcm: not a readable DICOM file" in next(j.problem for j in jobs if j.problem)
     runs = list(infer.predict(root, tiny_trained["seg"], tiny_trained["cls"], tmp_path / "out"))
     assert sorted(s for _, s, _ in runs) == ["done", "done", "failed"]
+
+
+def test_a_coronal_series_gets_the_axial_findings_on_its_own_grid(volume, models, tmp_path):
+    from conftest import coronal_of
+
+    coronal = coronal_of(volume)
+    axial_pred = infer.predict_volume(volume, models)
+    pred = infer.predict_volume(coronal, models)
+    assert len(pred.nodules) == len(axial_pred.nodules) >= 1
+    _, ro = dicomio.reorient_to_axial(coronal)
+    np.testing.assert_array_equal(pred.labels, ro.to_source(axial_pred.labels))
+    assert pred.labels.shape == coronal.shape and pred.lungs.shape == coronal.shape
+    for a, c in zip(axial_pred.nodules, pred.nodules):
+        assert c["centroid_world_lps_mm"] == a["centroid_world_lps_mm"] and c["diameter_mm"] == a["diameter_mm"]
+        np.testing.assert_allclose(coronal.voxel_to_world(c["centroid_voxel_zyx"]), c["centroid_world_lps_mm"],
+                                   atol=0.02)
+    report = infer.write_report(tmp_path / "r", coronal, pred, checkpoints={}, settings={})
+    mask, _ = dicomio.read_nifti_mask(report.parent / "nodules.nii.gz")
+    np.testing.assert_array_equal(mask, pred.labels)                    # the NIfTI overlays the coronal source
+    assert (report.parent / "overview.png").is_file() and (report.parent / "nodule_001.png").is_file()
+
+
+@pytest.mark.slow
+@requires_bundle
+def test_a_coronal_reformat_of_lidc_idri_0001_gives_the_same_finding(shared_data):
+    from conftest import coronal_of
+
+    patient = shared_data / "lidc" / "LIDC-IDRI-0001"
+    if not patient.is_dir():
+        pytest.skip(f"{patient} not found")
+    volume = dicomio.read_series(patient)
+    models = infer.Models.load(*infer.checkpoint_paths()[:2], "cpu", det_path=infer.checkpoint_paths()[2])
+    axial, coronal = (infer.predict_volume(v, models).nodules for v in (volume, coronal_of(volume)))
+    assert len(coronal) == len(axial) >= 1
+    assert [n["centroid_world_lps_mm"] for n in coronal] == [n["centroid_world_lps_mm"] for n in axial]
