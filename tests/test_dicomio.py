@@ -702,3 +702,34 @@ def test_an_oblique_volume_is_refused_in_one_line():
     assert "\n" not in str(info.value)
     slight = replace(volume, direction=rotation(0.0, 0.0, np.radians(5)) @ volume.direction)
     assert dicomio.reorient_to_axial(slight)[1].identity                   # a small tilt is read as it is
+
+
+# --------------------------------------------------------------------------
+# Compressed transfer syntaxes, through pydicom's decoders (GDCM, a dependency)
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("syntax", ["JPEGLosslessProcess14_1", "JPEGLSLossless", "JPEG2000Lossless", "RLELossless"])
+def test_a_compressed_series_reads_exactly_as_the_uncompressed_one(tmp_path, syntax):
+    import gdcm
+
+    volume = _chest()
+    files = dicomio.write_series(tmp_path / "plain", volume.hu, spacing=volume.spacing, origin=volume.origin,
+                                 patient_id="P", study_uid=generate_uid(), series_uid=generate_uid())
+    (tmp_path / "packed").mkdir()
+    for f in files:
+        reader = gdcm.ImageReader()
+        reader.SetFileName(str(f))
+        assert reader.Read()
+        change = gdcm.ImageChangeTransferSyntax()
+        change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+        change.SetInput(reader.GetImage())
+        assert change.Change()
+        writer = gdcm.ImageWriter()
+        writer.SetFileName(str(tmp_path / "packed" / f.name))
+        writer.SetFile(reader.GetFile())
+        writer.SetImage(change.GetOutput())
+        assert writer.Write()
+    packed = read_series(tmp_path / "packed")
+    assert pydicom.dcmread(packed.files[0]).file_meta.TransferSyntaxUID.is_compressed
+    np.testing.assert_array_equal(packed.hu, read_series(tmp_path / "plain").hu)
+    np.testing.assert_array_equal(packed.hu, np.maximum(volume.hu, -1024))       # unsigned storage from -1024
