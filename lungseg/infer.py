@@ -390,6 +390,8 @@ def write_report(out: Path, volume: CTVolume, pred: Prediction, *, checkpoints: 
 
     The one report format of lungseg: plugins that find nodules another way
     write theirs with it too, naming their own ``checkpoints`` and ``settings``.
+    For a DICOM series it also writes ``seg.dcm`` and ``sr.dcm``
+    (:mod:`lungseg.dicomout`).
     """
     out.mkdir(parents=True, exist_ok=True)
     done = out / "nodules.json"
@@ -403,6 +405,10 @@ def write_report(out: Path, volume: CTVolume, pred: Prediction, *, checkpoints: 
     for n in pred.nodules:
         figures.nodule_png(volume, pred.labels, n, out / f"nodule_{n['id']:03d}.png")
     figures.overview_png(volume, pred.lungs, pred.nodules, out / "overview.png")
+    if volume.sop_uids:                                         # a DICOM series: SEG and SR for the archive
+        from .dicomout import write_seg_and_sr
+
+        write_seg_and_sr(out, volume, pred.labels, pred.lungs, pred.nodules)
     with open(out / "nodules.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         w.writeheader()
