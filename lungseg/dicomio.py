@@ -291,8 +291,9 @@ def _read_headers(folder: str) -> dict[str, Dataset]:
             with open(entry.path, "rb") as fp:
                 ds = pydicom.dcmread(fp, stop_before_pixels=True, force=False)
                 runs_to_end = fp.tell() >= entry.stat().st_size
-            for keyword in _GROUPING_KEYWORDS:  # decode now, so garbled values fail here
-                ds.get(keyword)
+            for part in (getattr(ds, "file_meta", None), ds):  # decode every element now: garbled values fail here
+                if part is not None:
+                    part.walk(lambda _ds, _elem: None)
         except InvalidDicomError as exc:
             if must_be_dicom:
                 raise DicomError(f"{entry.path}: not a readable DICOM file ({_one_line(exc)})") from exc

@@ -733,3 +733,15 @@ def test_a_compressed_series_reads_exactly_as_the_uncompressed_one(tmp_path, syn
     assert pydicom.dcmread(packed.files[0]).file_meta.TransferSyntaxUID.is_compressed
     np.testing.assert_array_equal(packed.hu, read_series(tmp_path / "plain").hu)
     np.testing.assert_array_equal(packed.hu, np.maximum(volume.hu, -1024))       # unsigned storage from -1024
+
+
+@pytest.mark.parametrize("tag", [b"\x08\x00\x18\x00", b"\x02\x00\x02\x00"])        # SOPInstanceUID, in the meta
+def test_a_garbled_value_representation_anywhere_in_a_header_is_one_line(tmp_path, tag):
+    """Found by the fuzz target: pydicom decodes values lazily, so a garbled one must fail while reading."""
+    written = write_series(tmp_path, n=3)
+    data = written.files[1].read_bytes()
+    assert data.count(tag + b"UI") == 1
+    written.files[1].write_bytes(data.replace(tag + b"UI", tag + b"U~"))
+    with pytest.raises(DicomError) as excinfo:
+        read_series(written.folder)
+    assert_one_line_naming(excinfo, written.files[1])
