@@ -67,9 +67,10 @@ class LungsegGroup(click.Group):
         except LungsegError as exc:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:
-            if exc.errno not in _USER_FIXABLE_ERRNOS:
+            fixable = _fixable_os_error(exc)
+            if fixable is None:
                 raise
-            raise click.ClickException(os_error_message(exc)) from None
+            raise click.ClickException(os_error_message(fixable)) from None
 
 
 #: File-system errors a user can fix (a path, permissions, space): one line, no traceback.
@@ -77,10 +78,21 @@ _USER_FIXABLE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, e
                         errno.ENOENT, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG}
 
 
+def _fixable_os_error(exc: BaseException) -> OSError | None:
+    """The file-system error a user can fix behind ``exc``, also where a library re-raised it as another error."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _USER_FIXABLE_ERRNOS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def os_error_message(exc: OSError) -> str:
     """``PATH: what went wrong`` for a file-system error, with what to do about a full disk or a read-only place."""
     where = exc.filename if exc.filename is not None else "output"
-    what = exc.strerror or str(exc)
+    what = (exc.strerror or str(exc)).strip().splitlines()[0][:200]
     hint = {errno.ENOSPC: "; free some space and run the command again (finished work is kept)",
             errno.EDQUOT: "; free some space and run the command again (finished work is kept)",
             errno.EROFS: "; choose a writable --out",

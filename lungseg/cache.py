@@ -70,6 +70,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,8 +200,19 @@ class CacheWriter:
         return {p.stem for p in self.dir.glob("*.h5")}
 
     def add(self, record: ScanRecordData) -> None:
-        """Write one scan file atomically, then relink the cache to include it."""
+        """Write one scan file atomically, then relink the cache to include it.
+
+        Refuses up front, with a :class:`CacheError`, when the disk has less
+        free space than the scan's arrays take uncompressed (HDF5 handles a
+        full disk in the middle of a write badly).
+        """
         final = self.dir / f"{record.series_uid}.h5"
+        need = sum(np.asarray(a).nbytes for a in record.arrays.values()) + (1 << 20)
+        free = shutil.disk_usage(self.dir).free
+        if free < need:
+            raise CacheError(f"{self.dir}: {free / 1e6:.0f} MB free, scan {record.series_uid} needs up to "
+                             f"{need / 1e6:.0f} MB; free some space and run the command again (finished scans are "
+                             "kept)")
         tmp = _atomic_h5(final)
         try:
             with h5py.File(tmp, "w") as f:

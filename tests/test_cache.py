@@ -198,3 +198,19 @@ def test_nodule_features_of_a_ball():
     small = dict(zip(FEATURES, nodule_features(hu, r <= 4.0, spacing)))
     assert small["surface_to_volume"] > f["surface_to_volume"]
     assert np.isnan(nodule_features(hu, np.zeros_like(mask), spacing)).all()
+
+
+def test_a_full_disk_is_refused_before_writing_a_scan(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    path = tmp_path / "c.h5"
+    w = cache.CacheWriter(path, {})
+    w.add(record("1"))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(CacheError, match=r"MB free, scan 2 needs up to .* \(finished scans are kept\)"):
+        w.add(record("2"))
+    assert sorted(p.name for p in cache.scans_dir(path).iterdir()) == ["1.h5"]     # nothing half written
+    with cache.Cache(path) as c:
+        assert c.series_uids == ["1"]

@@ -195,3 +195,17 @@ def test_a_failed_decode_is_one_line_without_pydicom_tracebacks(tmp_path, tiny_t
                          capture_output=True, text=True, cwd=Path(cli.__file__).parent)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert "cannot decode pixel data compressed as 'JPEG 2000" in out.stderr and "1 series failed" in out.stderr
+
+
+def test_a_full_disk_behind_a_librarys_own_error_is_one_line():
+    import errno
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise OSError("With tag (7FE0,0010) got exception: [Errno 28] No space left on device") from inner
+    except OSError as outer:
+        found = cli._fixable_os_error(outer)
+    assert found is not None and found.errno == errno.ENOSPC
+    assert cli._fixable_os_error(OSError("a bug, not the disk")) is None
