@@ -716,8 +716,10 @@ def _float_tag(ds: Dataset, keyword: str, default: float, path: str) -> float:
 
 
 def _one_line(exc: BaseException) -> str:
-    """An exception's message squeezed onto one line (pydicom's span several)."""
-    return " ".join(str(exc).split()) or type(exc).__name__
+    """An exception's message squeezed onto one line (pydicom's span several, and some carry a traceback's text,
+    which is cut off)."""
+    text = str(exc).split("Traceback (most recent call last)")[0]
+    return " ".join(text.split()) or type(exc).__name__
 
 
 # --------------------------------------------------------------------------- NIfTI
