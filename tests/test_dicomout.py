@@ -6,31 +6,16 @@ import subprocess
 import numpy as np
 import pydicom
 import pytest
-import torch
+from conftest import stand_in_models
 
 from lungseg import dicomio, infer
-from lungseg.preprocess import PreprocessConfig
-
-
-class SoftTissue(torch.nn.Module):
-    """A stand-in segmenter: logits high where the windowed image is soft tissue."""
-
-    def forward(self, x):
-        return 60.0 * (x - 0.69)
-
-
-class Constant(torch.nn.Module):
-    def forward(self, x):
-        return torch.tensor([[0.0, 1.0]]).repeat(x.shape[0], 1)
 
 
 @pytest.fixture(scope="module")
 def report(tiny_lidc, tmp_path_factory):
     root, _ = tiny_lidc
     volume = dicomio.read_series(root / "LIDC-IDRI-9001")
-    models = infer.Models(SoftTissue(), Constant(), PreprocessConfig(subcase_shape=(16, 64, 64), roi_shape=(8, 16, 16)),
-                          {"seg": {"sha256": "x"}, "cls": {"sha256": "y"}}, torch.device("cpu"))
-    pred = infer.predict_volume(volume, models)
+    pred = infer.predict_volume(volume, stand_in_models())
     assert pred.nodules
     out = tmp_path_factory.mktemp("report")
     infer.write_report(out, volume, pred, checkpoints={}, settings={})

@@ -7,33 +7,17 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from lungseg import checkpoints, dicomio, infer
 from lungseg.errors import DicomError, LungsegError
-from lungseg.preprocess import PreprocessConfig
 
-from conftest import requires_bundle
-
-
-class SoftTissue(torch.nn.Module):
-    """A stand-in segmenter: logits high where the windowed image is soft tissue (about 0 HU and above)."""
-
-    def forward(self, x):
-        return 60.0 * (x - 0.69)
-
-
-class Constant(torch.nn.Module):
-    def forward(self, x):
-        return torch.tensor([[0.0, 1.0]]).repeat(x.shape[0], 1)
+from conftest import requires_bundle, stand_in_models
 
 
 @pytest.fixture
 def models():
-    pre = PreprocessConfig(subcase_shape=(16, 64, 64), roi_shape=(8, 16, 16))
-    return infer.Models(SoftTissue(), Constant(), pre, {"seg": {"sha256": "x"}, "cls": {"sha256": "y"}},
-                        torch.device("cpu"))
+    return stand_in_models()
 
 
 @pytest.fixture
