@@ -12,6 +12,7 @@ a broken command that reports its error; the rest of the CLI still works.
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from importlib.metadata import entry_points
@@ -65,6 +66,39 @@ class LungsegGroup(click.Group):
             return super().invoke(ctx)
         except LungsegError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            fixable = _fixable_os_error(exc)
+            if fixable is None:
+                raise
+            raise click.ClickException(os_error_message(fixable)) from None
+
+
+#: File-system errors a user can fix (a path, permissions, space): one line, no traceback.
+_USER_FIXABLE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+                        errno.ENOENT, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG}
+
+
+def _fixable_os_error(exc: BaseException) -> OSError | None:
+    """The file-system error a user can fix behind ``exc``, also where a library re-raised it as another error."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _USER_FIXABLE_ERRNOS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def os_error_message(exc: OSError) -> str:
+    """``PATH: what went wrong`` for a file-system error, with what to do about a full disk or a read-only place."""
+    where = exc.filename if exc.filename is not None else "output"
+    what = (exc.strerror or str(exc)).strip().splitlines()[0][:200]
+    hint = {errno.ENOSPC: "; free some space and run the command again (finished work is kept)",
+            errno.EDQUOT: "; free some space and run the command again (finished work is kept)",
+            errno.EROFS: "; choose a writable --out",
+            errno.EACCES: "; check the permissions or choose another --out",
+            errno.ENOTDIR: "; a file stands where a folder is needed"}.get(exc.errno, "")
+    return f"{where}: {what}{hint}"
 
 
 @click.group(cls=LungsegGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -74,6 +108,9 @@ def main(verbose: int) -> None:
     """Lung-nodule CAD for chest CT: preprocess LIDC-IDRI, train, evaluate, predict."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if verbose < 2:     # pydicom's decoders log each failed plugin with a traceback; lungseg reports it in one line
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(lambda record: not (record.name.startswith("pydicom") and record.exc_info))
 
 
 # --------------------------------------------------------------------------
@@ -213,6 +250,8 @@ def import_crops(crop_dir, out, spacing, window, roi_shape, pad_hu, indeterminat
                f"{counts['failed']} failed, {len(problems)} problem(s) reported")
     for p in problems:
         click.echo(f"  {p}", err=True)
+    if counts["failed"] and not counts["done"] + counts["skipped"]:
+        raise click.ClickException(f"{crop_dir}: every crop failed ({counts['failed']}); nothing imported")
     with cache.Cache(out) as c:
         click.echo(cache.format_summary(c.summary(), per_scan=False))
 

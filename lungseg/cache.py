@@ -70,6 +70,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,8 +200,19 @@ class CacheWriter:
         return {p.stem for p in self.dir.glob("*.h5")}
 
     def add(self, record: ScanRecordData) -> None:
-        """Write one scan file atomically, then relink the cache to include it."""
+        """Write one scan file atomically, then relink the cache to include it.
+
+        Refuses up front, with a :class:`CacheError`, when the disk has less
+        free space than the scan's arrays take uncompressed (HDF5 handles a
+        full disk in the middle of a write badly).
+        """
         final = self.dir / f"{record.series_uid}.h5"
+        need = sum(np.asarray(a).nbytes for a in record.arrays.values()) + (1 << 20)
+        free = shutil.disk_usage(self.dir).free
+        if free < need:
+            raise CacheError(f"{self.dir}: {free / 1e6:.0f} MB free, scan {record.series_uid} needs up to "
+                             f"{need / 1e6:.0f} MB; free some space and run the command again (finished scans are "
+                             "kept)")
         tmp = _atomic_h5(final)
         try:
             with h5py.File(tmp, "w") as f:
@@ -241,6 +253,10 @@ class CacheWriter:
                 tmp.unlink()
 
 
+#: What every scan of a cache holds (LIDC scans, composites and crops alike).
+_REQUIRED_GROUPS = ("nodules", "rois")
+
+
 def _open(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
@@ -271,6 +287,7 @@ class Cache:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._file: h5py.File | None = None
+        self._scans: dict[str, h5py.File] = {}
         self._pid: int | None = None
         with _open(self.path) as f:
             _check_version(f, self.path)
@@ -280,16 +297,19 @@ class Cache:
     @property
     def file(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
-            self._file = _open(self.path)
+            self._file, self._scans = _open(self.path), {}
             self._pid = os.getpid()
         return self._file
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_file"] = None
+        state["_file"], state["_scans"] = None, {}
         return state
 
     def close(self) -> None:
+        for f in self._scans.values():
+            f.close()
+        self._scans = {}
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -304,10 +324,29 @@ class Cache:
         return len(self.series_uids)
 
     def scan(self, series_uid: str) -> h5py.Group:
+        """A scan's group, read from its per-scan file in the ``.scans`` folder beside this cache (by this
+        cache's own name, so a cache renamed with its folder still reads)."""
+        self.file                                                   # per process: reopen after a fork
+        if series_uid in self._scans:
+            return self._scans[series_uid]["/"]
+        if series_uid not in self.series_uids:
+            raise CacheError(f"{self.path}: no scan {series_uid}")
+        part = scans_dir(self.path) / f"{series_uid}.h5"
+        if not part.exists():
+            raise CacheError(f"{part}: missing; a cache is {self.path.name} together with the folder "
+                             f"{part.parent.name} beside it: copy or move both")
         try:
-            return self.file["scans"][series_uid]
-        except KeyError:
-            raise CacheError(f"{self.path}: no scan {series_uid}") from None
+            f = h5py.File(part, "r")
+        except OSError:
+            raise CacheError(f"{part}: cannot be read (truncated or corrupt); delete it and run lungseg "
+                             "preprocess again with the same --out to rebuild that scan") from None
+        missing = [name for name in _REQUIRED_GROUPS if name not in f]
+        if missing:
+            f.close()
+            raise CacheError(f"{part}: no {', '.join(m + '/' for m in missing)} group; not written by lungseg "
+                             "preprocess or import-crops, or damaged: delete it and run that command again")
+        self._scans[series_uid] = f
+        return f["/"]
 
     def candidates(self, series_uid: str) -> h5py.Group:
         """A scan's detector candidates (``candidates/*``); a clear error for caches written before the detector."""

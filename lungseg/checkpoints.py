@@ -30,6 +30,7 @@ from torch import nn
 
 from .configs import CONFIGS, MODEL_INPUT_FIELDS, config_from_dict, input_mismatch
 from .errors import CheckpointError
+from .files import replacing
 
 CHECKPOINT_FORMAT = 1
 
@@ -50,10 +51,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename (atomic)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None) -> dict[str, Any]:

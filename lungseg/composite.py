@@ -66,8 +66,9 @@ from . import lidc
 from .cache import equivalent_diameter_mm
 from .configs import CompositeConfig
 from .crops import CropRow, find_crops, read_crop
-from .dicomio import CTVolume, find_series, read_series, write_nifti, write_series
+from .dicomio import CTVolume, check_chest_ct, find_series, read_series, write_nifti, write_series
 from .errors import LungsegError
+from .files import write_text
 from .preprocess import lung_mask
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ def load_background(folder: str | os.PathLike, db: lidc.LidcDatabase | None = No
                     min_readers: int = 3, mask_readers: int = 3) -> Background:
     """A background series, its lung mask, and its own LIDC nodules when the database knows the series."""
     volume = read_series(folder)
+    check_chest_ct(volume)
     axial = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])     # z, y, x axes along S, P, L
     if not np.allclose(volume.direction, axial, atol=1e-3):
         raise LungsegError(f"{folder}: a composite needs an axial series without tilt (direction "
@@ -451,9 +453,7 @@ def write_composite(out: str | os.PathLike, bg: Background, hu: np.ndarray, labe
         "nodules": rows,
         "irrelevant": list(bg.irrelevant),
     }
-    tmp = folder / ".nodules.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, done)
+    write_text(done, json.dumps(report, indent=2))
     return folder
 
 

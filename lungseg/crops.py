@@ -171,10 +171,21 @@ def read_table(folder: str | os.PathLike) -> tuple[list[CropRow], list[str]]:
     return rows, problems
 
 
+#: A crop around a lung nodule holds aerated lung: at least this share of its voxels at or below this HU
+#: (every one of the 791 LIDC-IDRI crops of ../shared/data: 5th percentile -712 HU or lower). Stored values
+#: read without their rescale, or HU scaled, fail it.
+CROP_LUNG_SHARE, CROP_LUNG_HU = 0.05, -600.0
+
+
 def read_crop(image_path: str | os.PathLike, mask_path: str | os.PathLike) -> tuple[CTVolume, np.ndarray]:
-    """A crop's HU volume and its bool mask, checked: readable, HU, same grid, mask not empty."""
+    """A crop's HU volume and its bool mask, checked: readable, HU of a nodule in lung, same grid, mask not empty."""
     image_path, mask_path = Path(image_path), Path(mask_path)
     volume = read_nifti_volume(image_path, min_hu_below=None)     # a DicomError names the file
+    share = float((volume.hu <= CROP_LUNG_HU).mean())
+    if share < CROP_LUNG_SHARE:
+        raise LungsegError(f"{image_path}: values do not look like Hounsfield units of a nodule in lung "
+                           f"({share:.1%} of voxels at or below {CROP_LUNG_HU:g} HU, where aerated lung lies; values "
+                           f"{int(volume.hu.min())} to {int(volume.hu.max())}): stored values, or scaled HU?")
     try:
         mask, mask_affine = read_nifti_mask(mask_path)
     except (OSError, ValueError) as exc:

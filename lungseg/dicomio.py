@@ -51,6 +51,9 @@ from lungseg.errors import DicomError
 
 __all__ = [
     "CTVolume",
+    "check_chest_ct",
+    "reorient_to_axial",
+    "Reorientation",
     "SeriesInfo",
     "find_series",
     "list_series",
@@ -155,6 +158,90 @@ class CTVolume:
         return (pts - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
 
 
+# --------------------------------------------------------------------------- orientation
+
+#: lungseg's internal frame: array axes (z, y, x) along LPS +S (feet to head), +P (front to back), +L (right to left).
+AXIAL = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+#: Largest angle (degrees) between an array axis and the LPS axis it is taken for; beyond it, a volume is oblique.
+MAX_OBLIQUE_DEGREES = 20.0
+
+
+@dataclass(frozen=True)
+class Reorientation:
+    """How a volume's array maps onto lungseg's axial frame: axial axis ``i`` is source axis ``perm[i]``,
+    reversed where ``flip[i]``. The identity for an axial series in ascending order."""
+
+    perm: tuple[int, int, int]
+    flip: tuple[bool, bool, bool]
+    source_shape: tuple[int, int, int]
+
+    @property
+    def identity(self) -> bool:
+        return self.perm == (0, 1, 2) and not any(self.flip)
+
+    @property
+    def axial_shape(self) -> tuple[int, int, int]:
+        return tuple(self.source_shape[p] for p in self.perm)
+
+    def to_axial(self, array: np.ndarray) -> np.ndarray:
+        """A (z, y, x) array on the source grid, on the axial grid (a view)."""
+        out = np.transpose(array, self.perm)
+        return np.flip(out, [i for i in range(3) if self.flip[i]]) if any(self.flip) else out
+
+    def to_source(self, array: np.ndarray) -> np.ndarray:
+        """An array on the axial grid, back on the source grid (a view)."""
+        if any(self.flip):
+            array = np.flip(array, [i for i in range(3) if self.flip[i]])
+        return np.transpose(array, np.argsort(self.perm))
+
+    def index_to_source(self, index: Sequence[float]) -> np.ndarray:
+        """An axial voxel index (z, y, x), fractional allowed, as the source's."""
+        axial = np.asarray(index, float)
+        out = np.empty(3)
+        for i, p in enumerate(self.perm):
+            out[p] = (self.source_shape[p] - 1 - axial[i]) if self.flip[i] else axial[i]
+        return out
+
+    def index_to_axial(self, index: Sequence[float]) -> np.ndarray:
+        """A source voxel index (z, y, x) as the axial grid's."""
+        source = np.asarray(index, float)
+        return np.array([(self.source_shape[p] - 1 - source[p]) if self.flip[i] else source[p]
+                         for i, p in enumerate(self.perm)])
+
+
+def reorient_to_axial(volume: CTVolume) -> tuple[CTVolume, Reorientation]:
+    """The volume in lungseg's axial frame (:data:`AXIAL`), and how to map back.
+
+    A coronal or sagittal series, a NIfTI with permuted or flipped axes, an
+    axial stack stored head first: any volume whose axes lie within
+    :data:`MAX_OBLIQUE_DEGREES` of the patient's axes is transposed and flipped
+    (no resampling); an oblique one is refused with a one-line
+    :class:`~lungseg.errors.DicomError`.
+    """
+    cosines = AXIAL.T @ np.asarray(volume.direction, float)      # [i, j]: axial axis i . source axis j
+    perm = tuple(int(j) for j in np.argmax(np.abs(cosines), axis=1))
+    worst = min(abs(cosines[i, perm[i]]) for i in range(3))
+    if sorted(perm) != [0, 1, 2] or worst < np.cos(np.radians(MAX_OBLIQUE_DEGREES)):
+        angle = np.degrees(np.arccos(np.clip(worst, 0, 1)))
+        raise DicomError(f"{volume.path or volume.series_uid}: oblique orientation (an axis {angle:.0f} degrees from "
+                         f"the patient's axes; direction {np.round(volume.direction, 3).tolist()}); resample it to "
+                         "an axial, coronal or sagittal grid first")
+    flip = tuple(bool(cosines[i, perm[i]] < 0) for i in range(3))
+    ro = Reorientation(perm, flip, volume.shape)
+    if ro.identity:
+        return volume, ro
+    direction = np.column_stack([volume.direction[:, p] * (-1 if f else 1) for p, f in zip(perm, flip)])
+    origin = volume.voxel_to_world(ro.index_to_source([0, 0, 0]))
+    spacing = tuple(float(volume.spacing[p]) for p in perm)
+    positions = float(origin @ direction[:, 0]) + spacing[0] * np.arange(ro.axial_shape[0])
+    axial = CTVolume(hu=np.ascontiguousarray(ro.to_axial(volume.hu)), spacing=spacing,
+                     origin=tuple(float(v) for v in origin), direction=direction, slice_positions=positions,
+                     patient_id=volume.patient_id, study_uid=volume.study_uid, series_uid=volume.series_uid,
+                     sop_uids=(), files=volume.files, path=volume.path)
+    logger.info("%s: axes reordered %s, flipped %s, into the axial frame", volume.path, perm, flip)
+    return axial, ro
+
+
 # --------------------------------------------------------------------------- discovery
 
 
@@ -169,11 +256,17 @@ def list_series(folder: str | os.PathLike) -> list[SeriesInfo]:
     return _group_series(folder, _read_headers(folder))
 
 
-def find_series(root: str | os.PathLike) -> list[SeriesInfo]:
-    """List the series in ``root`` and every folder below it, one entry per (folder, series)."""
+def find_series(root: str | os.PathLike, errors: list[tuple[str, str]] | None = None) -> list[SeriesInfo]:
+    """List the series in ``root`` and every folder below it, one entry per (folder, series).
+
+    Symbolic links to folders are followed (each real folder once, so a link
+    loop ends). A folder holding a file that cannot be read raises a
+    :class:`~lungseg.errors.DicomError`; with an ``errors`` list, it is
+    appended there as (folder, message) instead and the walk goes on.
+    """
     root = _check_folder(root)
     found: list[SeriesInfo] = []
-    for folder, headers in _walk_headers(root):
+    for folder, headers in _walk_headers(root, errors):
         found.extend(_group_series(folder, headers))
     return found
 
@@ -198,8 +291,9 @@ def _read_headers(folder: str) -> dict[str, Dataset]:
             with open(entry.path, "rb") as fp:
                 ds = pydicom.dcmread(fp, stop_before_pixels=True, force=False)
                 runs_to_end = fp.tell() >= entry.stat().st_size
-            for keyword in _GROUPING_KEYWORDS:  # decode now, so garbled values fail here
-                ds.get(keyword)
+            for part in (getattr(ds, "file_meta", None), ds):  # decode every element now: garbled values fail here
+                if part is not None:
+                    part.walk(lambda _ds, _elem: None)
         except InvalidDicomError as exc:
             if must_be_dicom:
                 raise DicomError(f"{entry.path}: not a readable DICOM file ({_one_line(exc)})") from exc
@@ -227,11 +321,24 @@ def _should_have_pixels(ds: Dataset) -> bool:
     return not known_non_image
 
 
-def _walk_headers(root: str) -> Iterator[tuple[str, dict[str, Dataset]]]:
-    """Yield (folder, headers) for ``root`` and each folder below it holding DICOM files."""
-    for folder, subdirs, _files in os.walk(root):
+def _walk_headers(root: str, errors: list[tuple[str, str]] | None = None
+                  ) -> Iterator[tuple[str, dict[str, Dataset]]]:
+    """Yield (folder, headers) for ``root`` and each folder below it holding DICOM files (links followed once)."""
+    seen: set[str] = set()
+    for folder, subdirs, _files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subdirs[:] = []
+            continue
+        seen.add(real)
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        headers = _read_headers(folder)
+        try:
+            headers = _read_headers(folder)
+        except DicomError as exc:
+            if errors is None:
+                raise
+            errors.append((folder, str(exc)))
+            continue
         if headers:
             yield folder, headers
 
@@ -609,8 +716,10 @@ def _float_tag(ds: Dataset, keyword: str, default: float, path: str) -> float:
 
 
 def _one_line(exc: BaseException) -> str:
-    """An exception's message squeezed onto one line (pydicom's span several)."""
-    return " ".join(str(exc).split()) or type(exc).__name__
+    """An exception's message squeezed onto one line (pydicom's span several, and some carry a traceback's text,
+    which is cut off)."""
+    text = str(exc).split("Traceback (most recent call last)")[0]
+    return " ".join(text.split()) or type(exc).__name__
 
 
 # --------------------------------------------------------------------------- NIfTI
@@ -756,6 +865,46 @@ def write_series(
     return paths
 
 
+#: What lungseg supports as a chest CT (:func:`check_chest_ct`): slice gap and pixel size (mm), slice count.
+SUPPORTED_SLICE_GAP_MM = (0.2, 10.0)
+SUPPORTED_PIXEL_MM = (0.2, 3.0)
+MIN_SLICES = 3
+#: Any chest CT holds air (outside the body, the airways, the lungs) and soft tissue (muscle, heart, vessels).
+AIR_HU, SOFT_TISSUE_HU, MIN_TISSUE_FRACTION = -900.0, (-150.0, 150.0), 0.01
+
+
+def check_chest_ct(volume: CTVolume, *, min_extent_mm: float = 0.0) -> None:
+    """Refuse, with a one-line :class:`~lungseg.errors.DicomError`, a volume lungseg cannot read as a chest CT.
+
+    Supported: at least :data:`MIN_SLICES` slices spanning ``min_extent_mm``
+    (the models' ROI depth), slice gaps and pixels within
+    :data:`SUPPORTED_SLICE_GAP_MM` and :data:`SUPPORTED_PIXEL_MM`, and
+    Hounsfield units: at least 1 % of the voxels air (<= -900 HU) and 1 %
+    soft tissue (-150 to 150 HU); real chest CT has some 40 % and 30 %. Data
+    stored without its rescale (air near 0 or +1000) or scaled (air at -500)
+    fail the air test.
+    """
+    where = volume.path or volume.series_uid or "volume"
+    n, (dz, dy, dx) = volume.shape[0], volume.spacing
+    if n < MIN_SLICES or n * dz < min_extent_mm:
+        raise DicomError(f"{where}: {n} slices of {dz:g} mm; lungseg needs a chest CT of at least {MIN_SLICES} "
+                         f"slices spanning {min_extent_mm:g} mm")
+    lo, hi = SUPPORTED_SLICE_GAP_MM
+    if not lo <= dz <= hi:
+        raise DicomError(f"{where}: slices {dz:g} mm apart; lungseg supports {lo:g} to {hi:g} mm")
+    lo, hi = SUPPORTED_PIXEL_MM
+    if not (lo <= dy <= hi and lo <= dx <= hi):
+        raise DicomError(f"{where}: pixels of {dy:g} x {dx:g} mm; lungseg supports {lo:g} to {hi:g} mm")
+    sample = volume.hu[::2, ::4, ::4]
+    air = float((sample <= AIR_HU).mean())
+    soft = float(((sample > SOFT_TISSUE_HU[0]) & (sample < SOFT_TISSUE_HU[1])).mean())
+    if air < MIN_TISSUE_FRACTION or soft < MIN_TISSUE_FRACTION:
+        raise DicomError(f"{where}: values do not look like chest CT Hounsfield units ({air:.1%} of voxels at or "
+                         f"below {AIR_HU:g} HU, {soft:.1%} between {SOFT_TISSUE_HU[0]:g} and {SOFT_TISSUE_HU[1]:g}; "
+                         f"a chest CT has about 40 % and 30 %; values {int(volume.hu.min())} to "
+                         f"{int(volume.hu.max())}): is the rescale (RescaleSlope, RescaleIntercept) missing or wrong?")
+
+
 def hu_volume(path: str | os.PathLike, data: np.ndarray, min_hu_below: float | None = -500.0) -> np.ndarray:
     """Image values read from ``path`` as int16 HU, refused when they do not look like HU.
 
@@ -764,6 +913,8 @@ def hu_volume(path: str | os.PathLike, data: np.ndarray, min_hu_below: float | N
     without the rescale). ``None`` for tight crops that may hold no air. The
     one rule of lungseg's readers of non-DICOM images (NIfTI, MetaImage).
     """
+    if data.size and np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        raise DicomError(f"{path}: {int((~np.isfinite(data)).sum())} voxels are not finite (NaN or infinite)")
     low = float(np.min(data)) if data.size else 0.0
     if data.size == 0 or (low >= 0 if min_hu_below is None else low > min_hu_below):
         raise DicomError(f"{path}: values do not look like Hounsfield units (minimum "

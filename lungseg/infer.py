@@ -32,6 +32,8 @@ last, after everything else, so a rerun redoes any series left half done.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -52,8 +54,10 @@ from .checkpoints import check_input, describe, load_model
 from .configs import MODEL_INPUT_FIELDS, DetectConfig, PredictConfig  # noqa: F401  (re-exported)
 from .detect import Rescorer, candidates, finding_masks, p_nodule, segment_rois, suppress
 from .device import precision_context, resolve_device
-from .dicomio import CTVolume, find_series, read_nifti_volume, read_series, write_nifti
+from .dicomio import (CTVolume, check_chest_ct, find_series, read_nifti_volume, read_series, reorient_to_axial,
+                      write_nifti)
 from .errors import LungsegError
+from .files import write_text
 from .malignancy import load_hybrid, probabilities
 from .preprocess import PreprocessConfig, crop, mask_to_grid, resample, resampled_shape, roi_start, scan_lungs, window
 
@@ -263,11 +267,27 @@ def predict_volume(volume: CTVolume, models: Models, cfg: PredictConfig = Predic
 
     With a detector (``models.det``) the findings are its (:func:`_detect`);
     without one, paper A's path: the segmenter over the lungs in overlapping
-    windows, its probability map thresholded into components.
+    windows, its probability map thresholded into components. A coronal,
+    sagittal or flipped volume is predicted in the axial frame
+    (:func:`lungseg.dicomio.reorient_to_axial`) and reported on its own grid:
+    masks and centroid indices are the source's, world coordinates the same.
     """
+    axial, ro = reorient_to_axial(volume)
+    pred = _predict_axial(axial, models, cfg)
+    if not ro.identity:
+        pred.labels = np.ascontiguousarray(ro.to_source(pred.labels))
+        pred.lungs = np.ascontiguousarray(ro.to_source(pred.lungs))
+        for n in pred.nodules:
+            n["centroid_voxel_zyx"] = [round(float(v), 2) for v in ro.index_to_source(n["centroid_voxel_zyx"])]
+    return pred
+
+
+def _predict_axial(volume: CTVolume, models: Models, cfg: PredictConfig) -> Prediction:
+    """:func:`predict_volume` on a volume in the axial frame."""
     timings = {}
     t = time.perf_counter()
     pre = models.preprocess
+    check_chest_ct(volume, min_extent_mm=pre.roi_shape[0] * pre.spacing[0])
     hu_r, lungs_r = model_grid(volume, pre)
     image_r = window(hu_r, *pre.window)
     timings["preprocess_s"] = time.perf_counter() - t
@@ -356,11 +376,22 @@ def report_settings(models: Models, cfg: PredictConfig) -> dict:
                              "operating_point": models.operating_point}} if models.det is not None else {})}
 
 
-def write_report(out: Path, volume: CTVolume, pred: Prediction, *, checkpoints: dict, settings: dict) -> Path:
+def _report_of(path: Path) -> str | None:
+    """The ``input_sha256`` of a complete report (None: no report, or one without it)."""
+    try:
+        return json.loads(path.read_text()).get("input_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def write_report(out: Path, volume: CTVolume, pred: Prediction, *, checkpoints: dict, settings: dict,
+                 input_sha256: str | None = None) -> Path:
     """Write a series' report folder; ``nodules.json`` last, so it marks a complete report.
 
     The one report format of lungseg: plugins that find nodules another way
     write theirs with it too, naming their own ``checkpoints`` and ``settings``.
+    For a DICOM series it also writes ``seg.dcm`` and ``sr.dcm``
+    (:mod:`lungseg.dicomout`).
     """
     out.mkdir(parents=True, exist_ok=True)
     done = out / "nodules.json"
@@ -374,6 +405,10 @@ def write_report(out: Path, volume: CTVolume, pred: Prediction, *, checkpoints: 
     for n in pred.nodules:
         figures.nodule_png(volume, pred.labels, n, out / f"nodule_{n['id']:03d}.png")
     figures.overview_png(volume, pred.lungs, pred.nodules, out / "overview.png")
+    if volume.sop_uids:                                         # a DICOM series: SEG and SR for the archive
+        from .dicomout import write_seg_and_sr
+
+        write_seg_and_sr(out, volume, pred.labels, pred.lungs, pred.nodules)
     with open(out / "nodules.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         w.writeheader()
@@ -382,6 +417,7 @@ def write_report(out: Path, volume: CTVolume, pred: Prediction, *, checkpoints: 
     report = {
         "lungseg_version": __version__,
         "source": volume.path,
+        "input_sha256": input_sha256,
         "patient_id": volume.patient_id,
         "study_uid": volume.study_uid,
         "series_uid": volume.series_uid,
@@ -398,32 +434,67 @@ def write_report(out: Path, volume: CTVolume, pred: Prediction, *, checkpoints: 
         "nodules": pred.nodules,
     }
     figures.write_html(out, report)
-    tmp = out / ".nodules.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, done)
+    write_text(done, json.dumps(report, indent=2))
     return done
 
 
 @dataclass(frozen=True)
 class SeriesJob:
-    """One input series: a DICOM folder (with its series UID) or a NIfTI file."""
+    """One input series: a DICOM folder (with its series UID) or a NIfTI file.
+
+    ``name`` is its report folder under ``--out``; ``files`` are the files it
+    is read from (their bytes make :func:`input_sha256`; none: the ``path``);
+    ``problem``: why a folder of the tree could not be read (the job fails).
+    """
 
     path: Path
     series_uid: str | None
     name: str
+    files: tuple[str, ...] = ()
+    problem: str | None = None
+
+
+def input_sha256(job: SeriesJob) -> str:
+    """SHA-256 over the bytes of the job's files, in order: what its report was made from."""
+    h = hashlib.sha256()
+    for f in job.files or (str(job.path),):
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def unique_names(jobs: Sequence[SeriesJob]) -> list[SeriesJob]:
+    """The jobs with distinct report names: a name that recurs (an edited copy of a series keeps its UID) gets
+    ``-2``, ``-3``... in the jobs' order."""
+    seen: dict[str, int] = {}
+    out = []
+    for job in jobs:
+        seen[job.name] = seen.get(job.name, 0) + 1
+        out.append(job if seen[job.name] == 1 else dataclasses.replace(job, name=f"{job.name}-{seen[job.name]}"))
+    return out
+
+
+def nifti_stem(path: Path) -> str:
+    """A NIfTI file's name without ``.nii`` or ``.nii.gz`` (``scan.v1.nii.gz`` -> ``scan.v1``)."""
+    name = path.name
+    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")] if name.endswith(".nii") \
+        else path.stem
 
 
 def find_inputs(source: str | os.PathLike) -> list[SeriesJob]:
-    """The series under ``source``: a NIfTI file, or every CT series in a DICOM folder tree."""
+    """The series under ``source``: a NIfTI file, or every CT series in a DICOM folder tree (distinct names)."""
     source = Path(source)
     if source.is_file():
         if not source.name.endswith((".nii", ".nii.gz")):
             raise LungsegError(f"{source}: expected a DICOM folder or a .nii/.nii.gz file")
-        return [SeriesJob(source, None, source.name.split(".")[0])]
-    series = [s for s in find_series(source) if s.modality == "CT"]
-    if not series:
+        return [SeriesJob(source, None, nifti_stem(source), (str(source),))]
+    errors: list[tuple[str, str]] = []
+    series = [s for s in find_series(source, errors) if s.modality == "CT"]
+    if not series and not errors:
         raise LungsegError(f"{source}: no CT series found in this folder or below it")
-    return [SeriesJob(Path(s.folder), s.series_uid, s.series_uid) for s in series]
+    return unique_names([SeriesJob(Path(s.folder), s.series_uid, s.series_uid, tuple(s.files)) for s in series] +
+                        [SeriesJob(Path(f), None, Path(f).name, problem=message) for f, message in errors])
 
 
 def checkpoint_paths(seg=None, cls=None, det=None) -> tuple[Path, Path, Path | None]:
@@ -449,7 +520,7 @@ def predict(source: str | os.PathLike, seg: str | os.PathLike | None, cls: str |
 
     ``seg``, ``cls`` and ``det`` default to the bundled models
     (:func:`checkpoint_paths`). ``status`` is 'done' (detail: the report
-    path), 'skipped' (a complete report exists) or 'failed' (detail: the
+    path), 'skipped' (a complete report of the same input exists) or 'failed' (detail: the
     error message).
     """
     jobs = find_inputs(source)
@@ -470,21 +541,32 @@ def report_each(jobs: Sequence[SeriesJob], out: str | os.PathLike, predict_fn: C
     """Read, predict and report each job into ``out/<job.name>/``; yields (job, status, detail).
 
     ``status`` is 'done' (detail: the report path), 'skipped' (a complete
-    report exists) or 'failed' (detail: the error message). Any pipeline that
-    turns a volume into a :class:`Prediction` reports through here.
+    report of the same input, by :func:`input_sha256`, exists; a report of
+    another input there is made again) or 'failed' (detail: the error
+    message). Any pipeline that turns a volume into a :class:`Prediction`
+    reports through here.
     """
     out = Path(out)
     for job in jobs:
         folder = out / job.name
-        if (folder / "nodules.json").exists():
-            yield job, "skipped", folder / "nodules.json"
+        if job.problem:
+            yield job, "failed", job.problem
             continue
         try:
             t = time.perf_counter()
+            sha = input_sha256(job)
+            done = folder / "nodules.json"
+            if done.exists():
+                if _report_of(done) == sha:
+                    yield job, "skipped", done
+                    continue
+                done.unlink()                           # the report of another input: not this one's
+                log.info("%s: the report there is of another input; predicting again", folder)
             volume = read(job)
             load_s = time.perf_counter() - t
             pred = predict_fn(volume)
             pred.timings = {"load_s": round(load_s, 3), **pred.timings}
-            yield job, "done", write_report(folder, volume, pred, checkpoints=checkpoints, settings=settings)
+            yield job, "done", write_report(folder, volume, pred, checkpoints=checkpoints, settings=settings,
+                                            input_sha256=sha)
         except LungsegError as exc:
             yield job, "failed", str(exc)

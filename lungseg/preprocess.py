@@ -33,7 +33,7 @@ from scipy import ndimage
 from . import lidc
 from .cache import FEATURES, CacheWriter, ScanRecordData, equivalent_diameter_mm, nodule_features, size_category
 from .configs import MODEL_INPUT_FIELDS, PreprocessConfig, input_mismatch  # noqa: F401  (re-exported)
-from .dicomio import CTVolume, read_series
+from .dicomio import CTVolume, check_chest_ct, read_series
 from .errors import LungsegError
 
 log = logging.getLogger(__name__)
@@ -334,8 +334,10 @@ def scan_record(volume: CTVolume, masks: Sequence[tuple[np.ndarray, tuple[slice,
 
     Resamples to the model grid, masks the lungs, windows, cuts sub-cases and
     one ROI per nodule (centred by :func:`roi_start`). The one builder behind
-    LIDC scans and composites, so both land in the cache alike.
+    LIDC scans and composites, so both land in the cache alike. Refuses what is
+    not a supported chest CT (:func:`lungseg.dicomio.check_chest_ct`).
     """
+    check_chest_ct(volume, min_extent_mm=cfg.roi_shape[0] * cfg.spacing[0])
     new_shape = resampled_shape(volume.shape, volume.spacing, cfg.spacing)
     hu = resample(volume.hu, volume.spacing, cfg.spacing, shape=new_shape)
     ratio = np.asarray(volume.spacing) / np.asarray(cfg.spacing)

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from .dicomio import CTVolume
+from .dicomio import CTVolume, reorient_to_axial
+from .files import write_text
 
 #: HU window of the figures (lung parenchyma to soft tissue).
 WINDOW_HU = (-1000.0, 400.0)
@@ -42,9 +43,12 @@ def _pyplot():
 
 
 def nodule_png(volume: CTVolume, labels: np.ndarray, nodule: dict, path: Path) -> None:
-    """Axial, coronal and sagittal views through the nodule's centroid, with its outline."""
+    """Axial, coronal and sagittal views through the nodule's centroid, with its outline (any source orientation:
+    drawn in the axial frame, :func:`lungseg.dicomio.reorient_to_axial`)."""
     plt = _pyplot()
-    z, y, x = (int(round(v)) for v in nodule["centroid_voxel_zyx"])
+    volume, ro = reorient_to_axial(volume)
+    labels = ro.to_axial(labels)
+    z, y, x = (int(round(v)) for v in ro.index_to_axial(nodule["centroid_voxel_zyx"]))
     dz, dy, dx = volume.spacing
     mask = labels == nodule["id"]
     img = _gray(volume.hu)
@@ -77,12 +81,16 @@ def overview_png(volume: CTVolume, lungs: np.ndarray, nodules: list[dict], path:
 
     The projection is of the HU inside the lung mask (air outside it), in the
     window :data:`MIP_WINDOW_HU`, where vessels and nodules stand out against
-    aerated lung. A circle's radius is the finding's radius plus 5 mm.
+    aerated lung. A circle's radius is the finding's radius plus 5 mm. Drawn in
+    the axial frame whatever the source's orientation.
     """
     plt = _pyplot()
     from matplotlib import patheffects
     from matplotlib.patches import Ellipse
 
+    volume, ro = reorient_to_axial(volume)
+    lungs = ro.to_axial(lungs)
+    centres = {n["id"]: ro.index_to_axial(n["centroid_voxel_zyx"]) for n in nodules}
     dz, dy, dx = volume.spacing
     lo, hi = MIP_WINDOW_HU
     hu = np.where(lungs.astype(bool), volume.hu, np.int16(lo))
@@ -94,7 +102,7 @@ def overview_png(volume: CTVolume, lungs: np.ndarray, nodules: list[dict], path:
         ax.imshow(np.clip((im.astype(np.float32) - lo) / (hi - lo), 0, 1), cmap="gray", aspect=aspect,
                   origin="lower" if name == "coronal" else "upper")
         for n in nodules:
-            c = n["centroid_voxel_zyx"]
+            c = centres[n["id"]]
             r_mm = n["diameter_mm"] / 2 + 5.0
             ax.add_patch(Ellipse((c[ix], c[iy]), 2 * r_mm / sx, 2 * r_mm / sy, fill=False, color="red", lw=1.5))
             ax.text(c[ix] + 0.8 * r_mm / sx, c[iy] + 0.8 * (r_mm / sy) * (1 if name == "coronal" else -1),
@@ -162,11 +170,7 @@ of {spacing} mm (z, y, x); source <code>{esc(str(report['source']))}</code>; lun
 <p class="note"><b>{esc(report.get('disclaimer', ''))}</b></p>
 </body></html>
 """
-    path = folder / "report.html"
-    tmp = folder / ".report.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(folder / "report.html", page)
 
 
 __all__ = ["WINDOW_HU", "MIP_WINDOW_HU", "nodule_png", "describe", "overview_png", "write_html"]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import SplitError
+from .files import replacing
 
 SPLITS = ("train", "val", "test")
 
@@ -38,13 +39,10 @@ DEFAULT_FRACTIONS = (0.85, 0.05, 0.10)
 
 def write_csv(path: str | os.PathLike, rows: Sequence[dict]) -> None:
     """Write dict rows as CSV (header from the first row), atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def read_split(path: str | os.PathLike) -> dict[str, str]:
@@ -59,7 +57,19 @@ def read_split(path: str | os.PathLike) -> dict[str, str]:
     bad = {r["split"] for r in rows} - set(SPLITS)
     if bad:
         raise SplitError(f"{path}: unknown split name(s) {sorted(bad)}; use {', '.join(SPLITS)}")
-    return {r["patient_id"]: r["split"] for r in rows}
+    split = {r["patient_id"]: r["split"] for r in rows}
+    check_patient_ids(split, str(path))
+    return split
+
+
+def check_patient_ids(patients, where: str) -> None:
+    """Refuse patient ids that differ only in case (one patient, or two? a split must not guess)."""
+    by_folded: dict[str, str] = {}
+    for p in patients:
+        other = by_folded.setdefault(str(p).casefold(), str(p))
+        if other != str(p):
+            raise SplitError(f"{where}: patient ids {other!r} and {p!r} differ only in case; make them one id, "
+                             "or two that differ otherwise")
 
 
 def write_split(path: str | os.PathLike, split: dict[str, str]) -> None:
@@ -71,7 +81,14 @@ def split_scans(cache, split: dict[str, str], name: str) -> list[str]:
     """Series UIDs of a :class:`lungseg.cache.Cache` whose patient is in split ``name``."""
     if name not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
-    return [uid for uid in cache.series_uids if split.get(str(cache.scan(uid).attrs["patient_id"])) == name]
+    patients = {uid: str(cache.scan(uid).attrs["patient_id"]) for uid in cache.series_uids}
+    check_patient_ids(set(patients.values()), str(cache.path))
+    folded = {p.casefold(): p for p in split}
+    for p in set(patients.values()) - set(split):
+        if p.casefold() in folded:
+            raise SplitError(f"{cache.path}: patient {p!r} is {folded[p.casefold()]!r} in the split file; patient "
+                             "ids must match exactly (case too)")
+    return [uid for uid, p in patients.items() if split.get(p) == name]
 
 
 def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
@@ -87,6 +104,7 @@ def patient_split(patients: Sequence[str], *, seed: int = 0,
     import numpy as np
 
     fractions = check_fractions(fractions)
+    check_patient_ids(set(patients), "patient_split")
     unique = sorted(set(patients))
     order = np.random.default_rng(seed).permutation(len(unique))
     n_train = int(round(fractions[0] * len(unique)))
@@ -108,6 +126,7 @@ def patient_folds(patients: Sequence[str], labelled: Sequence[bool], *, k: int =
 
     if k < 2:
         raise ValueError(f"k must be >= 2, got {k}")
+    check_patient_ids(set(patients), "patient_folds")
     unique = sorted(set(patients))
     if len(unique) < k:
         raise SplitError(f"{len(unique)} patients cannot fill {k} folds")

@@ -206,3 +206,37 @@ def tiny_slices(tiny_luna, tmp_path_factory):
     out = tmp_path_factory.mktemp("slices") / "s.h5"
     list(slices.build(tiny_luna, out, slices.SliceConfig(patch=16, patch_stride=4)))
     return out
+
+
+def coronal_of(volume):
+    """The same image as a coronal series would store it: array axes (P, head to feet, L), as a reformat gives."""
+    from dataclasses import replace
+
+    nz = volume.shape[0]
+    hu = np.ascontiguousarray(np.flip(np.transpose(volume.hu, (1, 0, 2)), axis=1))
+    direction = np.column_stack([volume.direction[:, 1], -volume.direction[:, 0], volume.direction[:, 2]])
+    origin = volume.voxel_to_world([nz - 1, 0, 0])
+    dz, dy, dx = volume.spacing
+    return replace(volume, hu=hu, spacing=(dy, dz, dx), origin=tuple(origin), direction=direction,
+                   slice_positions=float(origin @ direction[:, 0]) + dy * np.arange(hu.shape[0]), sop_uids=())
+
+
+def stand_in_models():
+    """infer.Models of two stand-ins on the tiny ROI shapes: a segmenter whose logits are high on soft tissue
+    (windowed image above about 0 HU) and a classifier that says malignant."""
+    import torch
+
+    from lungseg import infer
+    from lungseg.preprocess import PreprocessConfig
+
+    class SoftTissue(torch.nn.Module):
+        def forward(self, x):
+            return 60.0 * (x - 0.69)
+
+    class Constant(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([[0.0, 1.0]]).repeat(x.shape[0], 1)
+
+    pre = PreprocessConfig(subcase_shape=(16, 64, 64), roi_shape=(8, 16, 16))
+    return infer.Models(SoftTissue(), Constant(), pre, {"seg": {"sha256": "x"}, "cls": {"sha256": "y"}},
+                        torch.device("cpu"))

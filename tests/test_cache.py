@@ -25,6 +25,7 @@ def record(uid: str, n_nodules: int = 1, size: int = 8) -> cache.ScanRecordData:
             "subcases/image": rng.random((2, size, size, size)).astype(np.float16),
             "subcases/mask": np.zeros((2, size, size, size), np.uint8),
             "nodules/label": np.ones(n_nodules, np.int8),
+            "rois/image": np.zeros((n_nodules, 4, 4, 4), np.float16),
         },
     )
 
@@ -87,6 +88,36 @@ def test_cache_pickles_without_its_handle(tmp_path):
     assert clone._file is None and clone.scan("1").attrs["n_nodules"] == 1
 
 
+def test_a_renamed_cache_reads_and_a_damaged_one_says_what_to_do(tmp_path):
+    import shutil
+
+    import h5py
+
+    path = tmp_path / "c.h5"
+    w = cache.CacheWriter(path, {})
+    for uid in ("1", "2", "3"):
+        w.add(record(uid))
+    moved = tmp_path / "moved" / "renamed.h5"
+    moved.parent.mkdir()
+    shutil.copy(path, moved)
+    shutil.copytree(cache.scans_dir(path), cache.scans_dir(moved))
+    with cache.Cache(moved) as c:
+        assert [c.scan(u).attrs["n_nodules"] for u in c.series_uids] == [1, 1, 1]
+    alone = tmp_path / "alone.h5"
+    shutil.copy(path, alone)                                    # copied without its .scans folder
+    with pytest.raises(CacheError, match=r"alone.h5.scans/1.h5: missing; .* copy or move both"):
+        cache.Cache(alone).scan("1")
+    part = cache.scans_dir(moved)
+    (part / "2.h5").write_bytes((part / "2.h5").read_bytes()[:2000])                 # truncated
+    with h5py.File(part / "3.h5", "a") as f:
+        del f["rois"]                                                               # not what lungseg writes
+    c = cache.Cache(moved)
+    with pytest.raises(CacheError, match=r"2.h5: cannot be read \(truncated or corrupt\); delete it and run"):
+        c.scan("2")
+    with pytest.raises(CacheError, match=r"3.h5: no rois/ group"):
+        c.scan("3")
+
+
 @pytest.mark.parametrize("diameter, category", [(3, 0), (5, 0), (5.01, 1), (10, 1), (29.9, 2), (30, 2), (31, 3)])
 def test_size_categories_follow_paper_a(diameter, category):
     assert cache.size_category(diameter) == category
@@ -104,7 +135,8 @@ WRITER = textwrap.dedent("""
             continue
         rng = np.random.default_rng(i)
         w.add(cache.ScanRecordData(uid, {"n_nodules": 0},
-              {"subcases/image": rng.random((3, 32, 64, 64)).astype(np.float16)}))
+              {"subcases/image": rng.random((3, 32, 64, 64)).astype(np.float16),
+               "nodules/label": np.zeros(0, np.int8), "rois/image": np.zeros((0, 4, 4, 4), np.float16)}))
 """)
 
 
@@ -166,3 +198,19 @@ def test_nodule_features_of_a_ball():
     small = dict(zip(FEATURES, nodule_features(hu, r <= 4.0, spacing)))
     assert small["surface_to_volume"] > f["surface_to_volume"]
     assert np.isnan(nodule_features(hu, np.zeros_like(mask), spacing)).all()
+
+
+def test_a_full_disk_is_refused_before_writing_a_scan(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    path = tmp_path / "c.h5"
+    w = cache.CacheWriter(path, {})
+    w.add(record("1"))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(CacheError, match=r"MB free, scan 2 needs up to .* \(finished scans are kept\)"):
+        w.add(record("2"))
+    assert sorted(p.name for p in cache.scans_dir(path).iterdir()) == ["1.h5"]     # nothing half written
+    with cache.Cache(path) as c:
+        assert c.series_uids == ["1"]

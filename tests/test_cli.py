@@ -1,6 +1,7 @@
 """cli.py: fast help for every command, plugins (good and broken), one-line errors."""
 
 import subprocess
+from pathlib import Path
 import sys
 from importlib.metadata import EntryPoint
 
@@ -168,3 +169,43 @@ def test_models_says_so_in_one_line_when_none_are_bundled(monkeypatch, tmp_path)
     assert result.exit_code == 1 and "no models are bundled" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(main, ["predict", str(tmp_path), "--out", str(tmp_path / "o")])
     assert result.exit_code != 0 and "Traceback" not in result.output
+
+
+def test_file_system_errors_are_one_line(tmp_path):
+    """--out below a file, and the messages for a full disk or a read-only place."""
+    import errno
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = CliRunner().invoke(main, ["synth", "--out", str(blocker / "twins"), "--patient", "LIDC-IDRI-0001"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)       # not an uncaught error
+    assert "a file stands where a folder is needed" in result.output and str(blocker) in result.output
+    full = cli.os_error_message(OSError(errno.ENOSPC, "No space left on device", "/x/last.pt"))
+    assert full.startswith("/x/last.pt: No space left on device; free some space")
+    assert "writable --out" in cli.os_error_message(OSError(errno.EROFS, "Read-only file system", "/ro"))
+
+
+def test_a_failed_decode_is_one_line_without_pydicom_tracebacks(tmp_path, tiny_trained):
+    from pydicom.uid import JPEG2000Lossless
+    from test_dicomio import write_series
+
+    written = write_series(tmp_path / "in", transfer_syntax=JPEG2000Lossless)
+    out = subprocess.run([sys.executable, "cli.py", "predict", str(written.folder), "--out", str(tmp_path / "o"),
+                          "--seg", str(tiny_trained["seg"]), "--cls", str(tiny_trained["cls"])],
+                         capture_output=True, text=True, cwd=Path(cli.__file__).parent)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "cannot decode pixel data compressed as 'JPEG 2000" in out.stderr and "1 series failed" in out.stderr
+
+
+def test_a_full_disk_behind_a_librarys_own_error_is_one_line():
+    import errno
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise OSError("With tag (7FE0,0010) got exception: [Errno 28] No space left on device") from inner
+    except OSError as outer:
+        found = cli._fixable_os_error(outer)
+    assert found is not None and found.errno == errno.ENOSPC
+    assert cli._fixable_os_error(OSError("a bug, not the disk")) is None

@@ -116,6 +116,30 @@ def test_raw_values_are_refused_as_not_hu(tmp_path):
     assert result.status == "failed" and "Hounsfield" in result.message
 
 
+def test_halved_hu_are_refused_and_every_real_crop_passes(tmp_path, shared_data):
+    d = tmp_path / "halved"
+    write_crop(d, "P-1_R_1", background=-850 // 2)   # lung at -425: HU scaled by a half
+    write_table(d, [("P-1", 1, 5)])
+    (result,) = crops.import_crops(d, tmp_path / "c.h5")
+    assert result.status == "failed" and "nodule in lung" in result.message and "\n" not in result.message
+    real = shared_data / "nodules"
+    if real.is_dir():
+        found, _ = crops.find_crops(real)
+        for _, image, mask in found[::20]:                 # every 20th of the real crops reads
+            crops.read_crop(image, mask)
+
+
+def test_cli_fails_when_every_crop_failed(tmp_path):
+    from cli import main
+
+    d = tmp_path / "raw"
+    write_crop(d, "P-1_R_1", background=200)
+    write_table(d, [("P-1", 1, 5)])
+    result = CliRunner().invoke(main, ["import-crops", str(d), "--out", str(tmp_path / "c.h5")])
+    assert result.exit_code == 1 and "every crop failed (1); nothing imported" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_presets_and_explicit_options():
     cpu = make_config("cls", "cpu")
     assert isinstance(cpu, ClsConfig) and cpu.width == 8 and cpu.lr == ClsConfig.lr

@@ -133,8 +133,10 @@ def test_the_detector_trains_sets_its_operating_point_and_predicts(tiny_trained,
     assert {"candidates_s", "fp_reduction_s", "segment_s"} <= set(pred.timings)
     import dataclasses
 
-    air = dataclasses.replace(volume, hu=np.full(volume.shape, -1000, np.int16))     # no lungs, no candidates
-    assert infer.predict_volume(air, models, infer.PredictConfig(det_threshold=0.0)).nodules == []
+    solid = np.full(volume.shape, -1000, np.int16)
+    solid[:, 20:70, 20:70] = 40                                                     # a body without lungs
+    solid = dataclasses.replace(volume, hu=solid)                                   # no lungs, no candidates
+    assert infer.predict_volume(solid, models, infer.PredictConfig(det_threshold=0.0)).nodules == []
 
 
 def test_a_segmenter_trains_on_candidate_rois(tiny_trained, tmp_path):

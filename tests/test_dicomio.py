@@ -593,3 +593,156 @@ def test_slice_z_world_is_each_slices_world_z(tmp_path):
     assert z.shape == (volume.shape[0],)
     np.testing.assert_allclose(z, [volume.voxel_to_world([k, 5, 7])[2] for k in range(volume.shape[0])])
     np.testing.assert_allclose(np.diff(z), volume.spacing[0])
+
+
+# --------------------------------------------------------------------------
+# What lungseg supports as a chest CT (check_chest_ct)
+# --------------------------------------------------------------------------
+
+def _chest(**changes) -> CTVolume:
+    from dataclasses import replace
+
+    from conftest import tiny_luna_volume
+
+    return replace(tiny_luna_volume(), **changes)
+
+
+@pytest.mark.parametrize("changes, problem", [
+    ({"hu": None, "n": 2}, "2 slices of 2.5 mm"),
+    ({"spacing": (50.0, 1.5, 1.5)}, "slices 50 mm apart"),
+    ({"spacing": (2.5, 1e-9, 1e-9)}, "pixels of 1e-09 x 1e-09 mm"),
+    ({"offset": 1024}, "do not look like chest CT Hounsfield units"),      # stored values, no rescale
+    ({"scale": 0.5}, "do not look like chest CT Hounsfield units"),        # halved HU
+])
+def test_what_is_not_a_supported_chest_ct_is_refused_in_one_line(changes, problem):
+    volume = _chest()
+    if "n" in changes:
+        volume = _chest(hu=volume.hu[:changes["n"]], slice_positions=volume.slice_positions[:changes["n"]])
+    elif "spacing" in changes:
+        volume = _chest(spacing=changes["spacing"])
+    elif "offset" in changes:
+        volume = _chest(hu=(volume.hu + changes["offset"]).astype(np.int16))
+    else:
+        volume = _chest(hu=(volume.hu * changes["scale"]).astype(np.int16))
+    with pytest.raises(DicomError, match=problem) as info:
+        dicomio.check_chest_ct(volume, min_extent_mm=48)
+    assert "\n" not in str(info.value)
+
+
+def test_a_chest_ct_passes_and_a_short_one_does_not():
+    dicomio.check_chest_ct(_chest(), min_extent_mm=48)                          # 24 slices of 2.5 mm
+    with pytest.raises(DicomError, match="spanning 100 mm"):
+        dicomio.check_chest_ct(_chest(), min_extent_mm=100)
+
+
+def test_real_scans_are_supported_chest_ct(shared_data):
+    folders = [shared_data / "lidc" / "LIDC-IDRI-0001", shared_data / "ct" / "Lung_Dx-A0002"]
+    if not all(f.is_dir() for f in folders):
+        pytest.skip("real scans not found")
+    for folder in folders:
+        dicomio.check_chest_ct(read_series(folder), min_extent_mm=48)
+
+
+def test_nifti_with_nan_voxels_is_refused(tmp_path):
+    volume = _chest()
+    data = volume.hu.astype(np.float32)
+    data[3, 10, 10] = np.nan
+    path = tmp_path / "nan.nii.gz"
+    write_nifti(data, volume, path, dtype=np.float32)
+    with pytest.raises(DicomError, match="1 voxels are not finite"):
+        dicomio.read_nifti_volume(path)
+
+
+# --------------------------------------------------------------------------
+# Orientation: any permutation or flip of axial is read in the axial frame
+# --------------------------------------------------------------------------
+
+def test_an_axial_volume_is_left_as_it_is():
+    volume = _chest()
+    axial, ro = dicomio.reorient_to_axial(volume)
+    assert ro.identity and axial is volume
+
+
+def test_a_coronal_reformat_is_reoriented_exactly_and_maps_back():
+    from conftest import coronal_of
+
+    volume = _chest()
+    coronal = coronal_of(volume)
+    axial, ro = dicomio.reorient_to_axial(coronal)
+    assert not ro.identity and ro.perm == (1, 0, 2) and ro.flip == (True, False, False)
+    np.testing.assert_array_equal(axial.hu, volume.hu)
+    assert axial.spacing == pytest.approx(volume.spacing)
+    np.testing.assert_allclose(axial.origin, volume.origin, atol=1e-9)
+    np.testing.assert_allclose(axial.direction, volume.direction, atol=1e-12)
+    np.testing.assert_array_equal(ro.to_source(axial.hu), coronal.hu)
+    for index in ([0, 0, 0], [3.5, 10, 7], [95, 23, 95]):
+        back = ro.index_to_axial(index)
+        np.testing.assert_allclose(ro.index_to_source(back), index)
+        np.testing.assert_allclose(axial.voxel_to_world(back), coronal.voxel_to_world(index), atol=1e-9)
+
+
+def test_a_nifti_with_permuted_axes_reads_in_the_axial_frame(tmp_path):
+    from conftest import coronal_of
+
+    volume = _chest()
+    coronal = coronal_of(volume)
+    path = tmp_path / "coronal.nii.gz"
+    write_nifti(coronal.hu, coronal, path, dtype=np.int16)
+    axial, _ = dicomio.reorient_to_axial(dicomio.read_nifti_volume(path))
+    np.testing.assert_array_equal(axial.hu, volume.hu)
+
+
+def test_an_oblique_volume_is_refused_in_one_line():
+    from dataclasses import replace
+
+    volume = _chest()
+    tilted = replace(volume, direction=rotation(0.0, 0.0, np.radians(45)) @ volume.direction)
+    with pytest.raises(DicomError, match="oblique orientation .* resample it to an axial") as info:
+        dicomio.reorient_to_axial(tilted)
+    assert "\n" not in str(info.value)
+    slight = replace(volume, direction=rotation(0.0, 0.0, np.radians(5)) @ volume.direction)
+    assert dicomio.reorient_to_axial(slight)[1].identity                   # a small tilt is read as it is
+
+
+# --------------------------------------------------------------------------
+# Compressed transfer syntaxes, through pydicom's decoders (GDCM, a dependency)
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("syntax", ["JPEGLosslessProcess14_1", "JPEGLSLossless", "JPEG2000Lossless", "RLELossless"])
+def test_a_compressed_series_reads_exactly_as_the_uncompressed_one(tmp_path, syntax):
+    import gdcm
+
+    volume = _chest()
+    files = dicomio.write_series(tmp_path / "plain", volume.hu, spacing=volume.spacing, origin=volume.origin,
+                                 patient_id="P", study_uid=generate_uid(), series_uid=generate_uid())
+    (tmp_path / "packed").mkdir()
+    for f in files:
+        reader = gdcm.ImageReader()
+        reader.SetFileName(str(f))
+        assert reader.Read()
+        change = gdcm.ImageChangeTransferSyntax()
+        change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+        change.SetInput(reader.GetImage())
+        assert change.Change()
+        writer = gdcm.ImageWriter()
+        writer.SetFileName(str(tmp_path / "packed" / f.name))
+        writer.SetFile(reader.GetFile())
+        writer.SetImage(change.GetOutput())
+        assert writer.Write()
+    packed = read_series(tmp_path / "packed")
+    assert pydicom.dcmread(packed.files[0]).file_meta.TransferSyntaxUID.is_compressed
+    np.testing.assert_array_equal(packed.hu, read_series(tmp_path / "plain").hu)
+    np.testing.assert_array_equal(packed.hu, np.maximum(volume.hu, -1024))       # unsigned storage from -1024
+
+
+@pytest.mark.parametrize("tag", [b"\x08\x00\x18\x00", b"\x02\x00\x02\x00"])        # SOPInstanceUID, in the meta
+def test_a_garbled_value_representation_anywhere_in_a_header_is_one_line(tmp_path, tag):
+    """Found by the fuzz target: pydicom decodes values lazily, so a garbled one must fail while reading."""
+    written = write_series(tmp_path, n=3)
+    data = written.files[1].read_bytes()
+    assert data.count(tag + b"UI") == 1
+    written.files[1].write_bytes(data.replace(tag + b"UI", tag + b"U~"))
+    with pytest.raises(DicomError) as excinfo:
+        read_series(written.folder)
+    assert_one_line_naming(excinfo, written.files[1])
+    assert "Traceback" not in str(excinfo.value)

@@ -61,3 +61,29 @@ def test_fold_files_name_every_fold_and_the_final_split(tmp_path):
     assert sorted(p.name for p in files.values()) == sorted(
         ["nodules_folds3_seed7.csv", "nodules_folds3_seed7_all.csv"] +
         [f"nodules_folds3_seed7_fold{i}.csv" for i in range(3)])
+
+
+def test_patient_ids_that_differ_only_in_case_are_refused(tmp_path):
+    path = tmp_path / "split.csv"
+    path.write_text("patient_id,split\nLIDC-IDRI-0001,train\nlidc-idri-0001,test\n")
+    with pytest.raises(SplitError, match="'LIDC-IDRI-0001' and 'lidc-idri-0001' differ only in case"):
+        splits.read_split(path)
+    with pytest.raises(SplitError, match="differ only in case"):
+        splits.patient_split(["P-1", "p-1", "P-2"])
+    with pytest.raises(SplitError, match="differ only in case"):
+        splits.patient_folds(["P-1", "p-1", "P-2"], [True, True, False], k=2)
+
+
+def test_a_split_file_whose_ids_match_the_cache_only_without_case_says_so(tmp_path):
+    from lungseg import cache
+
+    path = tmp_path / "c.h5"
+    w = cache.CacheWriter(path, {})
+    for uid, patient in (("1", "LIDC-IDRI-0001"), ("2", "LIDC-IDRI-0002")):
+        w.add(cache.ScanRecordData(uid, {"patient_id": patient, "n_nodules": 0},
+                                   {"nodules/label": np.zeros(0, np.int8), "rois/image": np.zeros((0, 2, 2, 2))}))
+    split = {"lidc-idri-0001": "train", "LIDC-IDRI-0002": "test"}
+    with cache.Cache(path) as c, pytest.raises(SplitError, match="'LIDC-IDRI-0001' is 'lidc-idri-0001'"):
+        splits.split_scans(c, split, "train")
+    with cache.Cache(path) as c:
+        assert splits.split_scans(c, {"LIDC-IDRI-0001": "train"}, "train") == ["1"]

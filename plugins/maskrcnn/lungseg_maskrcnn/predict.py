@@ -83,10 +83,16 @@ def find_sources(source: str | os.PathLike) -> list[SeriesJob]:
     """lungseg's inputs (DICOM folders, NIfTI files), plus MetaImage files (``.mhd``: LUNA16's layout)."""
     source = Path(source)
     if source.is_file() and source.suffix == ".mhd":
-        return [SeriesJob(source, None, source.stem)]
+        return [_mhd_job(source)]
     if source.is_dir() and any(source.glob("*.mhd")) and not any(source.rglob("*.dcm")):
-        return [SeriesJob(p, None, p.stem) for p in sorted(source.glob("*.mhd"))]
+        return [_mhd_job(p) for p in sorted(source.glob("*.mhd"))]
     return find_inputs(source)
+
+
+def _mhd_job(path: Path) -> SeriesJob:
+    """A MetaImage input: its header and, when there, the raw data file beside it (what its report is made from)."""
+    raw = [p for p in (path.with_suffix(".raw"), path.with_suffix(".zraw")) if p.exists()]
+    return SeriesJob(path, None, path.stem, tuple(str(p) for p in (path, *raw)))
 
 
 def _read(job: SeriesJob) -> CTVolume:
