@@ -253,6 +253,9 @@ class CacheWriter:
                 tmp.unlink()
 
 
+#: Per-scan files a Cache keeps open for reuse (each also stays open while a group read from it is held).
+_OPEN_SCANS = 64
+
 #: What every scan of a cache holds (LIDC scans, composites and crops alike).
 _REQUIRED_GROUPS = ("nodules", "rois")
 
@@ -328,6 +331,7 @@ class Cache:
         cache's own name, so a cache renamed with its folder still reads)."""
         self.file                                                   # per process: reopen after a fork
         if series_uid in self._scans:
+            self._scans[series_uid] = self._scans.pop(series_uid)      # most recently used last
             return self._scans[series_uid]["/"]
         if series_uid not in self.series_uids:
             raise CacheError(f"{self.path}: no scan {series_uid}")
@@ -346,6 +350,8 @@ class Cache:
             raise CacheError(f"{part}: no {', '.join(m + '/' for m in missing)} group; not written by lungseg "
                              "preprocess or import-crops, or damaged: delete it and run that command again")
         self._scans[series_uid] = f
+        if len(self._scans) > _OPEN_SCANS:         # forget the least recently used: it closes once no group of it
+            self._scans.pop(next(iter(self._scans)))   # is held any more, so a large cache stays under the fd limit
         return f["/"]
 
     def candidates(self, series_uid: str) -> h5py.Group:

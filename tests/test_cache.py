@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -214,3 +215,21 @@ def test_a_full_disk_is_refused_before_writing_a_scan(tmp_path, monkeypatch):
     assert sorted(p.name for p in cache.scans_dir(path).iterdir()) == ["1.h5"]     # nothing half written
     with cache.Cache(path) as c:
         assert c.series_uids == ["1"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files through /proc")
+def test_a_large_cache_keeps_few_files_open(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setattr(cache, "_OPEN_SCANS", 4)
+    path = tmp_path / "c.h5"
+    w = cache.CacheWriter(path, {})
+    for i in range(12):
+        w.add(record(str(i)))
+    before = len(os.listdir("/proc/self/fd"))
+    with cache.Cache(path) as c:
+        held = c.scan("0")                                  # a group still in use stays readable
+        for uid in c.series_uids:
+            assert c.scan(uid).attrs["n_nodules"] == 1
+        assert len(os.listdir("/proc/self/fd")) - before <= 4 + 2
+        assert held["nodules/label"].shape == (1,)
