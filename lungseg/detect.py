@@ -23,6 +23,8 @@ lies within the nodule's radius), so training labels and the benchmark agree.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -49,9 +51,14 @@ class Candidates:
         return Candidates(self.centres[keep], self.radius_mm[keep], self.response[keep])
 
 
-def _smooth(hu: np.ndarray, spacing: Sequence[float], sigma_mm: float, clip=(-1000.0, 100.0)) -> np.ndarray:
-    return ndimage.gaussian_filter(np.clip(hu, *clip).astype(np.float32), [sigma_mm / s for s in spacing],
-                                   mode="nearest")
+#: HU the candidates see: dense tissue all alike above 100 HU.
+CANDIDATE_CLIP_HU = (-1000.0, 100.0)
+
+
+def _smooth(hu: np.ndarray, spacing: Sequence[float], sigma_mm: float, clip=CANDIDATE_CLIP_HU) -> np.ndarray:
+    """HU clipped to ``clip`` (None: as it is) and smoothed with a Gaussian of ``sigma_mm``, float32."""
+    hu = hu if clip is None else np.clip(hu, *clip)
+    return ndimage.gaussian_filter(hu.astype(np.float32, copy=False), [sigma_mm / s for s in spacing], mode="nearest")
 
 
 def blob_response(smooth: np.ndarray, spacing: Sequence[float], sigma_mm: float) -> np.ndarray:
@@ -92,6 +99,13 @@ def blobness(smooth: np.ndarray, spacing: Sequence[float], points: np.ndarray) -
     return ratio.astype(np.float32)
 
 
+def _support(spacing: Sequence[float], cfg: DetectConfig) -> np.ndarray:
+    """Voxels per axis that a candidate's evidence reaches: the widest Gaussian (scipy's 4 sigma), the
+    Laplacian's and the Hessian's one voxel, and the peak search's half window."""
+    sigma = max(cfg.sigmas_mm)
+    return np.array([int(4.0 * sigma / s + 0.5) + 1 + max(1, int(round(cfg.nms_mm / s))) for s in spacing])
+
+
 def candidates(hu: np.ndarray, lungs: np.ndarray, spacing: Sequence[float], cfg: DetectConfig = DetectConfig()
                ) -> Candidates:
     """Blob candidates of a resampled HU volume (z, y, x) inside ``lungs``; most blob-like first.
@@ -99,16 +113,31 @@ def candidates(hu: np.ndarray, lungs: np.ndarray, spacing: Sequence[float], cfg:
     Peaks of the strongest scale-normalised LoG response over the scales, then
     ranked by response x (1 - w + w x :func:`blobness` at the peak's scale),
     w = ``cfg.blob_weight``, so that vessels (tubes) give way to round
-    structures when there are more than ``max_candidates`` peaks.
+    structures when there are more than ``max_candidates`` peaks. Only the
+    lungs' bounding box, grown by all that a peak's value reads
+    (:func:`_support`), is filtered: the same candidates as over the whole
+    volume, in less time.
     """
+    box = ndimage.find_objects(np.asarray(lungs, np.uint8))
+    if not box:
+        return Candidates(np.zeros((0, 3), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32))
+    reach = _support(spacing, cfg)
+    box = tuple(slice(max(b.start - r, 0), min(b.stop + r, n)) for b, r, n in zip(box[0], reach, hu.shape))
+    hu, lungs = np.clip(hu[box], *CANDIDATE_CLIP_HU).astype(np.float32), np.asarray(lungs[box], bool)
     best = np.full(hu.shape, -np.inf, np.float32)
     scale = np.zeros(hu.shape, np.uint8)
-    smoothed = []
-    for i, sigma in enumerate(cfg.sigmas_mm):
-        smoothed.append(_smooth(hu, spacing, sigma))
-        r = blob_response(smoothed[-1], spacing, sigma)
+
+    def at_scale(sigma: float) -> tuple[np.ndarray, np.ndarray]:
+        smooth = _smooth(hu, spacing, sigma, clip=None)
+        return smooth, blob_response(smooth, spacing, sigma)
+
+    # The scales in threads: scipy's filters release the GIL, so they run side by side on the cores.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(cfg.sigmas_mm), os.cpu_count() or 1))) as pool:
+        scales = list(pool.map(at_scale, cfg.sigmas_mm))
+    smoothed = [sm for sm, _ in scales]
+    for i, (_, r) in enumerate(scales):
         better = r > best
-        best[better] = r[better]
+        np.copyto(best, r, where=better)
         scale[better] = i
     size = [2 * max(1, int(round(cfg.nms_mm / s))) + 1 for s in spacing]
     peaks = (best == ndimage.maximum_filter(best, size=size, mode="nearest")) & lungs & (best >= cfg.min_response)
@@ -121,7 +150,7 @@ def candidates(hu: np.ndarray, lungs: np.ndarray, spacing: Sequence[float], cfg:
         round_[at] = blobness(smoothed[i], spacing, idx[at])
     rank = response * (1 - cfg.blob_weight + cfg.blob_weight * round_)
     order = np.argsort(-rank, kind="stable")[: cfg.max_candidates]
-    idx = idx[order]
+    idx = idx[order] + [b.start for b in box]
     sigmas = np.asarray(cfg.sigmas_mm, np.float32)[which[order]]
     return Candidates(idx.astype(np.float32), sigmas * math.sqrt(3), response[order].astype(np.float32))
 
@@ -181,13 +210,19 @@ def candidate_net(width: int = 12, num_classes: int = 2):
     return CandidateNet()
 
 
-def score_rois(model, images: np.ndarray, *, device, precision: str = "fp32", batch_size: int = 256) -> np.ndarray:
-    """p(nodule) of each (16, 48, 48) windowed ROI, float32."""
+def score_rois(model, images: np.ndarray, *, device, precision: str = "fp32", batch_size: int | None = None
+               ) -> np.ndarray:
+    """p(nodule) of each (16, 48, 48) windowed ROI, float32.
+
+    ``batch_size`` defaults to 16 ROIs on the CPU (their activations stay in
+    cache: twice as fast as 256 on two cores) and 256 on a GPU.
+    """
     import torch
 
     from .device import precision_context
 
     model.eval()
+    batch_size = batch_size or (16 if torch.device(device).type == "cpu" else 256)
     out = []
     with torch.no_grad(), precision_context(device, precision):
         for i in range(0, len(images), batch_size):

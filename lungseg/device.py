@@ -105,3 +105,57 @@ def precision_context(device: torch.device | str, precision: str = "auto") -> Co
     if precision == "fp16":
         return autocast_context(device, dtype=torch.float16)
     raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+
+
+def _fold_batch_norms(model: torch.nn.Module) -> int:
+    """Fold each eval-mode batch norm into the convolution that alone feeds it; returns how many were folded.
+
+    The pairs are found by tracing the forward pass (:mod:`torch.fx`); where a
+    network does not trace (control flow on its input), each of its children is
+    tried in turn. The convolution takes the folded weights and the batch norm
+    becomes an identity in place, so the network keeps its class and attributes.
+    """
+    from torch import fx, nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception:       # noqa: BLE001  (fx could not trace it: fold within its parts)
+        return sum(_fold_batch_norms(child) for child in model.children())
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm):
+            continue
+        src = node.args[0]
+        if (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1
+                and isinstance(modules.get(src.target), nn.modules.conv._ConvNd)
+                and modules[node.target].track_running_stats):
+            pairs.append((src.target, node.target))
+
+    def put(name: str, module: nn.Module) -> None:
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+    for conv, bn in pairs:
+        put(conv, fuse_conv_bn_eval(modules[conv], modules[bn]))
+        put(bn, nn.Identity())
+    return len(pairs)
+
+
+def inference_ready(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """A network on ``device`` in eval mode, made faster for prediction with the same outputs (to float rounding).
+
+    Batch norms are folded into their convolutions; on the CPU, 3D networks
+    take the channels-last memory format, where oneDNN's 3D convolutions and
+    pooling run about 3x faster than in the default layout
+    (``python benchmarks/predict.py`` times it). Only for inference: the
+    folded network cannot train.
+    """
+    dev = torch.device(device)
+    model = model.eval().to(dev)
+    with torch.no_grad():
+        _fold_batch_norms(model)
+    if dev.type == "cpu" and any(isinstance(m, torch.nn.Conv3d) for m in model.modules()):
+        model = model.to(memory_format=torch.channels_last_3d)
+    return model

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -114,6 +114,9 @@ class CTVolume:
         patient_id, study_uid, series_uid: from the DICOM headers.
         sop_uids, files: SOPInstanceUID and path of each slice, in sorted order.
         path: the folder the slices were read from.
+        headers: each slice's DICOM header (no pixel data) in sorted order, as
+            read (empty for NIfTI and derived volumes); the DICOM outputs
+            (:mod:`lungseg.dicomout`) reference them without reading them again.
     """
 
     hu: np.ndarray
@@ -127,6 +130,7 @@ class CTVolume:
     sop_uids: tuple[str, ...]
     files: tuple[str, ...]
     path: str
+    headers: tuple[Dataset, ...] = field(default=(), repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -280,10 +284,33 @@ def _check_folder(folder: str | os.PathLike) -> str:
     return path
 
 
+#: The headers of the folder read last, with the (name, size, mtime) of its files: finding a series and then
+#: reading it reads its headers once.
+_LAST_HEADERS: list = [None, {}]
+
+
 def _read_headers(folder: str) -> dict[str, Dataset]:
-    """Headers (no pixel data) of the DICOM files directly in ``folder``, by path."""
+    """Headers (no pixel data) of the DICOM files directly in ``folder``, by path.
+
+    The folder read last is remembered while its files keep their names,
+    sizes and modification times.
+    """
+    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    try:
+        key = (os.path.realpath(folder), tuple((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries))
+    except OSError:
+        key = None
+    if key is not None and _LAST_HEADERS[0] == key:
+        return dict(_LAST_HEADERS[1])
+    headers = _read_headers_of(entries)
+    _LAST_HEADERS[:] = [key, dict(headers)]
+    return headers
+
+
+def _read_headers_of(entries: list[os.DirEntry]) -> dict[str, Dataset]:
+    """:func:`_read_headers` of a folder's entries."""
     headers: dict[str, Dataset] = {}
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+    for entry in entries:
         if entry.name.startswith(".") or entry.name.upper() == "DICOMDIR" or not entry.is_file():
             continue
         must_be_dicom = entry.name.lower().endswith(".dcm")
@@ -513,6 +540,7 @@ def _read_volume(
         sop_uids=tuple(str(ds.get("SOPInstanceUID", "")) for ds in sorted_headers),
         files=files,
         path=folder,
+        headers=tuple(sorted_headers),
     )
     logger.info(
         "read %s: %d x %d x %d voxels at (%.3f, %.3f, %.3f) mm",
@@ -758,7 +786,8 @@ def write_nifti(
     if array.shape != volume.shape:
         raise ValueError(f"array shape {array.shape} does not match the volume's {volume.shape}")
     affine = nifti_affine(volume)
-    image = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)).astype(dtype), affine)
+    # (x, y, z) as NIfTI orders it: a view, which nibabel writes in its own (Fortran) order without a copy
+    image = nib.Nifti1Image(array.astype(dtype, copy=False).transpose(2, 1, 0), affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm")

@@ -6,7 +6,10 @@ For a DICOM series, ``predict`` also writes, with highdicom:
 - ``seg.dcm``: a binary DICOM Segmentation of the series, segment 1 the
   lungs and segment ``1 + i`` finding ``i``; each frame references the source
   slice it lies on, so the masks are those of ``nodules.nii.gz`` and
-  ``lungs.nii.gz`` voxel for voxel.
+  ``lungs.nii.gz`` voxel for voxel. The segments do not overlap: segment 1 is
+  the lungs outside the findings (the union of all segments is
+  ``lungs.nii.gz`` with the findings), as viewers that draw a SEG as one
+  label map expect.
 - ``sr.dcm``: a Comprehensive 3D SR holding a TID 1500 Measurement Report:
   per finding, its segment (referenced in ``seg.dcm``), diameter (mm),
   volume (mm3), mean attenuation (HU) and the probability of cancer; with
@@ -38,11 +41,13 @@ _COPIED_TYPE2 = ("PatientName", "PatientBirthDate", "PatientSex", "AccessionNumb
 
 
 def _sources(volume: CTVolume) -> list:
-    """The source slices' headers, in the volume's slice order (what the SEG's frames reference); a type-2
-    patient or study attribute the source lacks is taken as empty, as DICOM allows."""
+    """The source slices' headers, in the volume's slice order (what the SEG's frames reference): those the
+    reader kept, else read again; a type-2 patient or study attribute the source lacks is taken as empty, as
+    DICOM allows."""
     import pydicom
 
-    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in volume.files]
+    headers = list(volume.headers) if len(volume.headers) == len(volume.files) else \
+        [pydicom.dcmread(f, stop_before_pixels=True) for f in volume.files]
     for ds in headers:
         for keyword in _COPIED_TYPE2:
             if keyword not in ds:
@@ -51,7 +56,8 @@ def _sources(volume: CTVolume) -> list:
 
 
 def segmentation(volume: CTVolume, labels: np.ndarray, lungs: np.ndarray, nodules: Sequence[dict], sources=None):
-    """The binary DICOM SEG of the lungs (segment 1) and each finding (segment 1 + its id) on ``volume``."""
+    """The binary DICOM SEG of the lungs outside the findings (segment 1) and each finding (segment 1 + its id)
+    on ``volume``; the segments do not overlap."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
@@ -63,16 +69,17 @@ def segmentation(volume: CTVolume, labels: np.ndarray, lungs: np.ndarray, nodule
         segment_number=1, segment_label="lungs", segmented_property_category=codes.SCT.AnatomicalStructure,
         segmented_property_type=codes.SCT.Lung, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm)]
-    masks = [np.asarray(lungs) > 0]
     for n in nodules:
         segments.append(hd.seg.SegmentDescription(
             segment_number=1 + int(n["id"]), segment_label=f"nodule {n['id']}",
             segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
             segmented_property_type=codes.SCT.Nodule, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm))
-        masks.append(np.asarray(labels) == int(n["id"]))
+    # One label map (frames, rows, columns): 1 the lungs, 1 + id each finding, which wins over the lungs
+    pixel_array = np.where(np.asarray(labels) > 0, np.asarray(labels, np.uint16) + 1,
+                           (np.asarray(lungs) > 0).astype(np.uint16))
     return hd.seg.Segmentation(
-        source_images=sources, pixel_array=np.stack(masks, axis=-1).astype(np.uint8),
+        source_images=sources, pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
         series_instance_uid=generate_uid(), series_number=SEG_SERIES_NUMBER, sop_instance_uid=generate_uid(),
         instance_number=1, manufacturer="lungseg", manufacturer_model_name="lungseg",

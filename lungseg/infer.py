@@ -53,7 +53,7 @@ from .cache import SIZE_CATEGORIES, equivalent_diameter_mm, nodule_features, siz
 from .checkpoints import check_input, describe, load_model
 from .configs import MODEL_INPUT_FIELDS, DetectConfig, PredictConfig  # noqa: F401  (re-exported)
 from .detect import Rescorer, candidates, finding_masks, p_nodule, segment_rois, suppress
-from .device import precision_context, resolve_device
+from .device import inference_ready, precision_context, resolve_device
 from .dicomio import (CTVolume, check_chest_ct, find_series, read_nifti_volume, read_series, reorient_to_axial,
                       write_nifti)
 from .errors import LungsegError
@@ -108,8 +108,8 @@ class Models:
             info["det"] = describe(det_path, det_ckpt)
             op = det_ckpt.get("operating_point")
             rescorer = Rescorer.from_dict(det_ckpt["rescore"]) if det_ckpt.get("rescore") else None
-            det = det.to(dev)
-        return cls(seg.to(dev), clf.to(dev), config, info, dev, det, op, rescorer, load_hybrid(cls_ckpt))
+            det = inference_ready(det, dev)
+        return cls(inference_ready(seg, dev), inference_ready(clf, dev), config, info, dev, det, op, rescorer, load_hybrid(cls_ckpt))
 
 
 def _gaussian_weights(shape) -> np.ndarray:
@@ -163,7 +163,8 @@ def sliding_window(model, image: np.ndarray, window_shape, *, region=None, overl
 
 
 def _to_original(array: np.ndarray, original_shape, spacing, model_spacing, order: int) -> np.ndarray:
-    """Resample a model-grid array back onto the original grid (inverse of :func:`resample`)."""
+    """Resample a model-grid array back onto the original grid (inverse of :func:`resample`); masks and labels
+    go back by nearest neighbour (``order=0``)."""
     return resample(array, model_spacing, spacing, order=order, shape=original_shape)
 
 
@@ -291,7 +292,7 @@ def _predict_axial(volume: CTVolume, models: Models, cfg: PredictConfig) -> Pred
     hu_r, lungs_r = model_grid(volume, pre)
     image_r = window(hu_r, *pre.window)
     timings["preprocess_s"] = time.perf_counter() - t
-    lungs = _to_original(lungs_r.astype(np.float32), volume.shape, volume.spacing, pre.spacing, order=1) >= 0.5
+    lungs = _to_original(lungs_r.astype(np.uint8), volume.shape, volume.spacing, pre.spacing, order=0) > 0
 
     extras: list[dict] = []
     if models.det is not None:

@@ -54,13 +54,34 @@ def resample(array: np.ndarray, spacing: Sequence[float], new_spacing: Sequence[
 
     Voxel 0 keeps its world position, so new voxel ``c`` sits at old index
     ``c * new_spacing / spacing``: resampled index <-> world stays a scaling
-    of the original affine. ``order`` 1 is trilinear, 0 nearest.
+    of the original affine. ``order`` 1 is trilinear (float32), 0 nearest (the
+    array's dtype; for masks and labels); beyond the last voxel the edge value
+    holds. Done one axis at a time, the most shrinking first: trilinear and
+    nearest interpolation are separable, so this equals
+    ``scipy.ndimage.affine_transform`` (nearest exactly, trilinear to float32
+    rounding) at a fraction of its time.
     """
+    if order not in (0, 1):
+        raise ValueError(f"order must be 0 (nearest) or 1 (trilinear), got {order}")
     ratio = np.asarray(new_spacing, float) / np.asarray(spacing, float)
     shape = tuple(shape) if shape is not None else resampled_shape(array.shape, spacing, new_spacing)
-    dtype = np.float32 if order > 0 else array.dtype
-    return ndimage.affine_transform(array.astype(dtype, copy=False), ratio, output_shape=shape,
-                                    order=order, mode="nearest", prefilter=False)
+    out = np.asarray(array) if order == 0 else np.asarray(array).astype(np.float32, copy=False)
+    for axis in np.argsort(-ratio, kind="stable"):
+        n = out.shape[axis]
+        coords = np.arange(shape[axis]) * ratio[axis]
+        if order == 0:
+            out = np.take(out, np.clip(np.floor(coords + 0.5).astype(np.intp), 0, n - 1), axis=axis)
+            continue
+        lo = np.clip(np.floor(coords).astype(np.intp), 0, n - 1)
+        weight = np.clip(coords - lo, 0.0, 1.0).astype(np.float32).reshape([-1 if a == axis else 1
+                                                                             for a in range(out.ndim)])
+        a = np.take(out, lo, axis=axis)
+        b = np.take(out, np.minimum(lo + 1, n - 1), axis=axis)
+        b -= a
+        b *= weight
+        a += b
+        out = a
+    return out
 
 
 def window(hu: np.ndarray, low: float = -1000.0, high: float = 400.0) -> np.ndarray:

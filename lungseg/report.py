@@ -51,9 +51,9 @@ def nodule_png(volume: CTVolume, labels: np.ndarray, nodule: dict, path: Path) -
     z, y, x = (int(round(v)) for v in ro.index_to_axial(nodule["centroid_voxel_zyx"]))
     dz, dy, dx = volume.spacing
     mask = labels == nodule["id"]
-    img = _gray(volume.hu)
-    views = [("axial", img[z], mask[z], dy / dx), ("coronal", img[:, y, :], mask[:, y, :], dz / dx),
-             ("sagittal", img[:, :, x], mask[:, :, x], dz / dy)]
+    hu = volume.hu
+    views = [("axial", _gray(hu[z]), mask[z], dy / dx), ("coronal", _gray(hu[:, y, :]), mask[:, y, :], dz / dx),
+             ("sagittal", _gray(hu[:, :, x]), mask[:, :, x], dz / dy)]
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
     for ax, (name, im, m, aspect) in zip(axes, views):
         ax.imshow(im, cmap="gray", aspect=aspect, origin="upper" if name == "axial" else "lower")

@@ -209,3 +209,19 @@ def test_a_full_disk_behind_a_librarys_own_error_is_one_line():
         found = cli._fixable_os_error(outer)
     assert found is not None and found.errno == errno.ENOSPC
     assert cli._fixable_os_error(OSError("a bug, not the disk")) is None
+
+
+def test_the_console_command_keeps_exit_codes_output_and_exit_handlers(tmp_path):
+    """``cli.run`` ends without the interpreter's teardown: codes, piped output and atexit work must survive."""
+    here = Path(cli.__file__).parent
+    ok = subprocess.run([sys.executable, "cli.py", "--version"], capture_output=True, text=True, cwd=here)
+    assert ok.returncode == 0 and "lungseg" in ok.stdout
+    bad = subprocess.run([sys.executable, "cli.py", "predict", str(tmp_path / "missing"), "--out", str(tmp_path)],
+                         capture_output=True, text=True, cwd=here)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
+    marker = tmp_path / "atexit-ran"
+    code = (f"import atexit, sys, cli; atexit.register(lambda: open({str(marker)!r}, 'w').close()); "
+            "sys.argv = ['lungseg', 'models']; print('x' * 100000, end=''); cli.run()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=here)
+    assert out.returncode == 0 and out.stdout.startswith("x" * 100000) and "sha256" in out.stdout
+    assert marker.exists()

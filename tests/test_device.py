@@ -84,3 +84,29 @@ def test_precision_setting_maps_to_one_autocast(monkeypatch, precision, native, 
         assert lin(torch.rand(2, 4)).dtype == expected
     with pytest.raises(ValueError, match="precision must be"):
         dv.precision_context("cpu", "int8")
+
+
+@pytest.mark.parametrize("arch", ["candidatenet", "resnet3d50"])
+def test_inference_ready_network_gives_the_same_outputs_faster_layout(arch):
+    from torch import nn
+
+    from lungseg.configs import make_config
+
+    kind = "det" if arch == "candidatenet" else "cls"
+    torch.manual_seed(0)
+    model = make_config(kind, arch=arch).build_model()
+    for m in model.modules():                     # batch norms with statistics other than the identity
+        if isinstance(m, nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    model.eval()
+    x = torch.rand(3, 1, 16, 48, 48)
+    with torch.no_grad():
+        expected = model(x)
+        ready = dv.inference_ready(model, "cpu")
+        got = ready(x)
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in ready.modules())     # all folded (resnet: block by block)
+    assert next(p for p in ready.parameters() if p.dim() == 5).is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

@@ -22,7 +22,7 @@ def report(tiny_lidc, tmp_path_factory):
     return out, volume, pred
 
 
-def test_seg_masks_equal_the_nifti_masks_voxel_for_voxel(report):
+def test_seg_masks_equal_the_nifti_masks_voxel_for_voxel_without_overlap(report):
     import highdicom as hd
 
     out, volume, pred = report
@@ -34,7 +34,8 @@ def test_seg_masks_equal_the_nifti_masks_voxel_for_voxel(report):
                                                segment_numbers=numbers, ignore_spatial_locations=True)
     labels, _ = dicomio.read_nifti_mask(out / "nodules.nii.gz")
     lungs, _ = dicomio.read_nifti_mask(out / "lungs.nii.gz")
-    np.testing.assert_array_equal(pixels[..., 0] > 0, lungs > 0)
+    np.testing.assert_array_equal(pixels[..., 0] > 0, (lungs > 0) & (labels == 0))   # the lungs outside findings
+    assert seg.SegmentsOverlap == "NO"
     for k, n in enumerate(pred.nodules, start=1):
         np.testing.assert_array_equal(pixels[..., k] > 0, labels == n["id"])
 

@@ -52,6 +52,25 @@ def test_resample_keeps_voxel_zero_and_is_exact_on_a_linear_ramp():
     assert (out.shape[0] - 1) * 3.0 <= (20 - 1) * 2.5
 
 
+@pytest.mark.parametrize("new", [(3.0, 1.5, 1.5), (1.0, 0.4, 0.9), (0.5, 2.0, 0.7)])
+def test_resample_equals_scipy_affine_transform(new):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    spacing = (2.5, 0.7, 1.1)
+    hu = rng.integers(-1000, 400, (9, 17, 13)).astype(np.int16)
+    labels = rng.integers(0, 4, (9, 17, 13)).astype(np.uint8)
+    shape = resampled_shape(hu.shape, spacing, new)
+    ratio = np.asarray(new) / np.asarray(spacing)
+    linear = ndimage.affine_transform(hu.astype(np.float32), ratio, output_shape=shape, order=1, mode="nearest",
+                                      prefilter=False)
+    nearest = ndimage.affine_transform(labels, ratio, output_shape=shape, order=0, mode="nearest", prefilter=False)
+    np.testing.assert_allclose(resample(hu, spacing, new), linear, atol=1e-3)
+    out = resample(labels, spacing, new, order=0)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, nearest)
+
+
 def test_window_maps_the_lung_window_to_unit_range():
     hu = np.array([-2000, -1000, -300, 400, 3000])
     np.testing.assert_allclose(window(hu), [0, 0, 0.5, 1, 1])
