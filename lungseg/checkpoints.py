@@ -45,8 +45,9 @@ def sha256(path: str | os.PathLike) -> str:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module itself under a ``torch.compile`` wrapper."""
-    return getattr(model, "_orig_mod", model)
+    """The module itself under a ``torch.compile`` and a DistributedDataParallel wrapper."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:

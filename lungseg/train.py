@@ -44,13 +44,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from . import metrics
+from . import distributed, metrics
 from .cache import Cache
 from .checkpoints import (CHECKPOINT_FORMAT, load_checkpoint, load_model,  # noqa: F401  (re-exported)
                           save_checkpoint, unwrap)
 from .configs import ClsConfig, DetConfig, SegConfig, TrainConfig  # noqa: F401  (re-exported)
 from .datasets import CandidateDataset, CandidateSegDataset, EpochSampler, RoiDataset, SubcaseDataset
-from .device import precision_context, resolve_device
+from .device import precision_context
 from .errors import TrainingError  # noqa: F401  (re-exported)
 from .losses import SegLoss
 from .malignancy import cls_loss
@@ -111,8 +111,9 @@ def _grads_finite(model) -> bool:
 def train_one_epoch(model, loader, loss_fn: Callable, optimizer, *, device, precision: str,
                     scaler=None, grad_clip: float = 0.0, max_batches: int = 0,
                     on_batch: Callable[[int, float], None] | None = None,
-                    on_skip: Callable[[int, str], None] | None = None) -> float:
-    """One pass over ``loader``; returns the mean loss of the steps taken.
+                    on_skip: Callable[[int, str], None] | None = None,
+                    world: distributed.World = distributed.World()) -> float:
+    """One pass over ``loader``; returns the mean loss of the steps taken (over all processes of ``world``).
 
     Non-finite input is a data error and stops the run. A step whose loss or
     gradients are not finite although its input is (seen here: oneDNN's 3D
@@ -134,6 +135,8 @@ def train_one_epoch(model, loader, loss_fn: Callable, optimizer, *, device, prec
             out = model(x)
         loss = loss_fn(out.float(), y)
         problem = "" if torch.isfinite(loss) else f"the loss became {loss.item()}"
+        if distributed.any_process(bool(problem), world) and not problem:      # skipped together
+            problem = "the loss became non-finite in another process"
         if not problem:
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -164,7 +167,7 @@ def train_one_epoch(model, loader, loss_fn: Callable, optimizer, *, device, prec
         count += x.shape[0]
         if on_batch:
             on_batch(i, loss.item())
-    return total / max(count, 1)
+    return distributed.mean_over_processes(total, count, world)
 
 
 @torch.no_grad()
@@ -359,14 +362,28 @@ def fit(cfg: TrainConfig, cache_path: str | os.PathLike, out: str | os.PathLike,
 
     Returns a summary: run folder, epochs run, best metric and where the
     checkpoints are. With ``resume`` the run continues from ``out/last.pt``.
+    Started by ``torchrun`` on several processes, it trains with
+    DistributedDataParallel on the same global batches (:mod:`lungseg.distributed`).
     """
-    task, cb, out = task_for(cfg), callbacks or Callbacks(), Path(out)
+    world, device = distributed.setup(cfg.device)
+    try:
+        return _fit(cfg, cache_path, Path(out), resume, callbacks or Callbacks(), world, device)
+    finally:
+        distributed.teardown(world)
+
+
+def _fit(cfg: TrainConfig, cache_path, out: Path, resume: bool, cb: Callbacks, world: distributed.World,
+         device: torch.device) -> dict[str, Any]:
+    """:func:`fit` in one process of ``world`` (rank 0 writes and reports progress)."""
+    task = task_for(cfg)
     data = _load_data(task, cfg, cache_path)
     metric_name = task.metric(data.val)
+    local_batch = distributed.local_batch_size(cfg.batch_size, world)
+    if not world.is_main:
+        cb = Callbacks()
 
-    device = resolve_device(cfg.device)
     _seed_everything(cfg.seed)
-    model = cfg.build_model().to(device)
+    model = distributed.prepare(cfg.build_model().to(device), world, device)
     wd = getattr(cfg, "weight_decay", 0.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=wd) if wd else \
         torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -383,14 +400,19 @@ def fit(cfg: TrainConfig, cache_path: str | os.PathLike, out: str | os.PathLike,
         log.info("resuming %s at epoch %d (best %s %.4f)", out, start_epoch, metric_name, best)
     elif last_path.exists():
         raise TrainingError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
-    (out / "config.json").write_text(json.dumps({"kind": task.kind, **cfg.to_dict()}, indent=2))
+    if world.is_main:
+        (out / "config.json").write_text(json.dumps({"kind": task.kind, **cfg.to_dict()}, indent=2))
 
-    train_model = torch.compile(model) if cfg.compile else model
-    loader_args = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda")
-    train_sampler = EpochSampler(len(data.train), seed=cfg.seed, shuffle=True,
-                                 labels=getattr(data.train, "labels", None), balanced=getattr(cfg, "balance", False))
-    train_loader = DataLoader(data.train, sampler=train_sampler, drop_last=False, **loader_args)
-    val_loader = DataLoader(data.val, sampler=EpochSampler(len(data.val), shuffle=False), **loader_args)
+    train_model = distributed.wrap(model, world, device)
+    train_model = torch.compile(train_model) if cfg.compile else train_model
+    loader_args = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    train_sampler = distributed.ShardSampler(
+        EpochSampler(len(data.train), seed=cfg.seed, shuffle=True, labels=getattr(data.train, "labels", None),
+                     balanced=getattr(cfg, "balance", False)), cfg.batch_size, world)
+    train_loader = DataLoader(data.train, sampler=train_sampler, batch_size=local_batch, drop_last=False,
+                              **loader_args)
+    val_loader = DataLoader(data.val, sampler=EpochSampler(len(data.val), shuffle=False),
+                            batch_size=cfg.batch_size, **loader_args)
     loss = task.make_loss(cfg)
     epochs_run = 0
     for epoch in range(start_epoch, cfg.epochs):
@@ -404,7 +426,7 @@ def fit(cfg: TrainConfig, cache_path: str | os.PathLike, out: str | os.PathLike,
         train_loss = train_one_epoch(train_model, train_loader, loss_fn, optimizer, device=device,
                                      precision=cfg.precision, scaler=state["scaler"], grad_clip=cfg.grad_clip,
                                      max_batches=cfg.max_batches, on_batch=cb.on_batch,
-                                     on_skip=lambda batch, why: skipped.append(batch))
+                                     on_skip=lambda batch, why: skipped.append(batch), world=world)
         state["scheduler"].step()
         scores = task.validate(model, val_loader, loss_fn, cfg, device) if data.validate else {}
         value = scores.get(metric_name, math.nan)
@@ -415,12 +437,13 @@ def fit(cfg: TrainConfig, cache_path: str | os.PathLike, out: str | os.PathLike,
                   **({"skipped_batches": skipped} if skipped else {})}
         payload = _payload(task, cfg, state, data, cache_path, epoch=epoch + 1, best=best, metric=metric_name,
                            scores=scores)
-        save_checkpoint(last_path, payload)
-        if improved:
-            save_checkpoint(best_path, payload)
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        plot_curves(log_path, out / "curves.png", metric_name)
+        if world.is_main:
+            save_checkpoint(last_path, payload)
+            if improved:
+                save_checkpoint(best_path, payload)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            plot_curves(log_path, out / "curves.png", metric_name)
         epochs_run += 1
         if cb.on_epoch_end:
             cb.on_epoch_end(record)
