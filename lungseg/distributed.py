@@ -1,6 +1,6 @@
 """Training on several processes: ``torchrun`` and DistributedDataParallel.
 
-``torchrun --nproc-per-node N -m cli train-seg ...`` (or ``train-cls``)
+``torchrun --nproc-per-node N --no-python lungseg train-seg ...`` (or ``train-cls``)
 trains one network on N processes, each on its own GPU (NCCL) or, without
 GPUs, on the CPU (gloo). Nothing else changes:
 
