@@ -33,6 +33,8 @@ PixelSpacing and ``dz`` the median gap between slices.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -47,7 +49,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from lungseg.errors import DicomError
+from lungseg.errors import DicomError, LungsegError
 
 __all__ = [
     "CTVolume",
@@ -983,3 +985,70 @@ def read_nifti_volume(path: str | os.PathLike, *, min_hu_below: float | None = -
     return CTVolume(hu=hu, spacing=tuple(float(s) for s in spacing), origin=tuple(float(v) for v in origin),
                     direction=direction, slice_positions=positions, patient_id="", study_uid="",
                     series_uid=path.name.split(".")[0], sop_uids=(), files=(str(path),), path=str(path))
+
+
+# --------------------------------------------------------------------------- inputs of predict
+
+
+@dataclass(frozen=True)
+class SeriesJob:
+    """One input series: a DICOM folder (with its series UID) or a NIfTI file.
+
+    ``name`` is its report folder under ``--out``; ``files`` are the files it
+    is read from (their bytes make :func:`input_sha256`; none: the ``path``);
+    ``problem``: why a folder of the tree could not be read (the job fails).
+    """
+
+    path: Path
+    series_uid: str | None
+    name: str
+    files: tuple[str, ...] = ()
+    problem: str | None = None
+
+
+def input_sha256(job: SeriesJob) -> str:
+    """SHA-256 over the bytes of the job's files, in order: what its report was made from."""
+    h = hashlib.sha256()
+    for f in job.files or (str(job.path),):
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def unique_names(jobs: Sequence[SeriesJob]) -> list[SeriesJob]:
+    """The jobs with distinct report names: a name that recurs (an edited copy of a series keeps its UID) gets
+    ``-2``, ``-3``... in the jobs' order."""
+    seen: dict[str, int] = {}
+    out = []
+    for job in jobs:
+        seen[job.name] = seen.get(job.name, 0) + 1
+        out.append(job if seen[job.name] == 1 else dataclasses.replace(job, name=f"{job.name}-{seen[job.name]}"))
+    return out
+
+
+def nifti_stem(path: Path) -> str:
+    """A NIfTI file's name without ``.nii`` or ``.nii.gz`` (``scan.v1.nii.gz`` -> ``scan.v1``)."""
+    name = path.name
+    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")] if name.endswith(".nii") \
+        else path.stem
+
+
+def find_inputs(source: str | os.PathLike) -> list[SeriesJob]:
+    """The series under ``source``: a NIfTI file, or every CT series in a DICOM folder tree (distinct names)."""
+    source = Path(source)
+    if source.is_file():
+        if not source.name.endswith((".nii", ".nii.gz")):
+            raise LungsegError(f"{source}: expected a DICOM folder or a .nii/.nii.gz file")
+        return [SeriesJob(source, None, nifti_stem(source), (str(source),))]
+    errors: list[tuple[str, str]] = []
+    series = [s for s in find_series(source, errors) if s.modality == "CT"]
+    if not series and not errors:
+        raise LungsegError(f"{source}: no CT series found in this folder or below it")
+    return unique_names([SeriesJob(Path(s.folder), s.series_uid, s.series_uid, tuple(s.files)) for s in series] +
+                        [SeriesJob(Path(f), None, Path(f).name, problem=message) for f, message in errors])
+
+
+def read_job(job: SeriesJob) -> CTVolume:
+    """The volume of one input: a DICOM series or a NIfTI file."""
+    return read_nifti_volume(job.path) if job.series_uid is None else read_series(job.path, job.series_uid)

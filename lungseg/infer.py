@@ -31,41 +31,31 @@ last, after everything else, so a rerun redoes any series left half done.
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import hashlib
-import json
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
-import torch
 from scipy import ndimage
 
-from . import __version__
-from . import report as figures
 from .cache import SIZE_CATEGORIES, equivalent_diameter_mm, nodule_features, size_category
-from .checkpoints import check_input, describe, load_model
 from .configs import MODEL_INPUT_FIELDS, DetectConfig, PredictConfig  # noqa: F401  (re-exported)
 from .detect import Rescorer, candidates, finding_masks, p_nodule, segment_rois, suppress
-from .device import inference_ready, precision_context, resolve_device
-from .dicomio import (CTVolume, check_chest_ct, find_series, read_nifti_volume, read_series, reorient_to_axial,
-                      write_nifti)
+from .dicomio import (CTVolume, SeriesJob, check_chest_ct, find_inputs, input_sha256, nifti_stem,  # noqa: F401
+                      read_job, reorient_to_axial, unique_names)
 from .errors import LungsegError
-from .files import write_text
-from .malignancy import load_hybrid, probabilities
 from .preprocess import PreprocessConfig, crop, mask_to_grid, resample, resampled_shape, roi_start, scan_lungs, window
+from .report import CSV_COLUMNS, DISCLAIMER, Prediction, write_report, _report_of  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:       # PyTorch is imported where a network runs, so a helper process can start without it
+    import torch
 
 log = logging.getLogger(__name__)
 
-DISCLAIMER = ("Research software, not a medical device. The malignancy probability and the masks are only "
-              "as good as the data the checkpoints were trained on (see 'checkpoints'); weights trained on "
-              "the synthetic LIDC twin carry no accuracy claim on real CT.")
 
 
 @dataclass
@@ -91,6 +81,10 @@ class Models:
         detector (``det_path``, from ``lungseg train-det``) its ROI shape must
         be the classifier's.
         """
+        from .checkpoints import check_input, describe, load_model
+        from .device import inference_ready, resolve_device
+        from .malignancy import load_hybrid
+
         dev = resolve_device(device)
         seg, seg_ckpt = load_model(seg_path, kind="seg")
         clf, cls_ckpt = load_model(cls_path, kind="cls")
@@ -127,15 +121,18 @@ def _starts(length: int, size: int, overlap: float) -> list[int]:
     return [int(round(i * (length - size) / (n - 1))) for i in range(n)]
 
 
-@torch.no_grad()
 def sliding_window(model, image: np.ndarray, window_shape, *, region=None, overlap: float = 0.5,
-                   device=torch.device("cpu"), precision: str = "auto") -> np.ndarray:
+                   device="cpu", precision: str = "auto") -> np.ndarray:
     """Sigmoid probabilities of a segmentation ``model`` over a (z, y, x) ``image``.
 
     Windows of ``window_shape`` tile ``region`` (slices, default the whole
     image, grown to at least one window) with the given ``overlap``; their
     probabilities are blended with Gaussian weights. Outside the region: 0.
     """
+    import torch
+
+    from .device import precision_context
+
     model.eval()
     region = region or tuple(slice(0, n) for n in image.shape)
     lo = [max(0, min(r.start, n - w)) if n >= w else r.start for r, n, w in zip(region, image.shape, window_shape)]
@@ -149,7 +146,7 @@ def sliding_window(model, image: np.ndarray, window_shape, *, region=None, overl
             for x in _starts(size[2], window_shape[2], overlap):
                 start = (lo[0] + z, lo[1] + y, lo[2] + x)
                 patch = crop(image, start, window_shape)
-                with precision_context(device, precision):
+                with torch.no_grad(), precision_context(device, precision):
                     logits = model(torch.from_numpy(patch)[None, None].to(device))
                 prob = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
                 sl = tuple(slice(o, o + w) for o, w in zip((z, y, x), window_shape))
@@ -181,16 +178,6 @@ def _long_axis_mm(mask: np.ndarray, spacing) -> float:
                 pts = np.argwhere(edge) * np.asarray(spacing[1:])
             best = max(best, float(pdist(pts).max()))
     return best + float(np.mean(spacing[1:]))      # from pixel centres to pixel edges
-
-
-@dataclass
-class Prediction:
-    """Result of :func:`predict_volume`."""
-
-    nodules: list[dict[str, Any]]
-    labels: np.ndarray           # (z, y, x) uint16 on the original grid: nodule id, 0 background
-    lungs: np.ndarray            # (z, y, x) uint8 on the original grid
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 def _detect(hu_r: np.ndarray, lungs_r: np.ndarray, image_r: np.ndarray, models: Models, cfg: PredictConfig,
@@ -344,6 +331,8 @@ def _predict_axial(volume: CTVolume, models: Models, cfg: PredictConfig) -> Pred
             row["segmentation_confidence"] = round(float(probs[box][comp].mean()), 4)
         nodules.append(row)
     if rois:
+        from .malignancy import probabilities
+
         p, q = probabilities(models.cls, np.stack(rois), np.stack(roi_masks) if roi_masks else None,
                              device=models.device, precision=cfg.precision, features=np.stack(features),
                              hybrid=models.hybrid)
@@ -355,19 +344,6 @@ def _predict_axial(volume: CTVolume, models: Models, cfg: PredictConfig) -> Pred
     return Prediction(nodules, labels, lungs.astype(np.uint8), {k: round(v, 3) for k, v in timings.items()})
 
 
-CSV_COLUMNS = ["id", "centroid_z", "centroid_y", "centroid_x", "world_x_mm", "world_y_mm", "world_z_mm",
-               "long_axis_mm", "diameter_mm", "volume_mm3", "mean_hu", "size_category", "lung_side",
-               "nodule_probability", "malignancy_probability", "malignancy_probability_network",
-               "segmentation_confidence"]
-
-
-def _csv_row(n: dict) -> dict:
-    z, y, x = n["centroid_voxel_zyx"]
-    wx, wy, wz = n["centroid_world_lps_mm"]
-    return {**{k: n.get(k) for k in CSV_COLUMNS if k in n}, "centroid_z": z, "centroid_y": y, "centroid_x": x,
-            "world_x_mm": wx, "world_y_mm": wy, "world_z_mm": wz}
-
-
 def report_settings(models: Models, cfg: PredictConfig) -> dict:
     """What a report says of the settings of a prediction with ``models``."""
     return {"threshold": cfg.threshold, "min_volume_mm3": cfg.min_volume_mm3,
@@ -375,127 +351,6 @@ def report_settings(models: Models, cfg: PredictConfig) -> dict:
             **({"detector": {"threshold": cfg.det_threshold if cfg.det_threshold is not None
                              else (models.operating_point or {}).get("threshold", 0.5),
                              "operating_point": models.operating_point}} if models.det is not None else {})}
-
-
-def _report_of(path: Path) -> str | None:
-    """The ``input_sha256`` of a complete report (None: no report, or one without it)."""
-    try:
-        return json.loads(path.read_text()).get("input_sha256")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def write_report(out: Path, volume: CTVolume, pred: Prediction, *, checkpoints: dict, settings: dict,
-                 input_sha256: str | None = None) -> Path:
-    """Write a series' report folder; ``nodules.json`` last, so it marks a complete report.
-
-    The one report format of lungseg: plugins that find nodules another way
-    write theirs with it too, naming their own ``checkpoints`` and ``settings``.
-    For a DICOM series it also writes ``seg.dcm`` and ``sr.dcm``
-    (:mod:`lungseg.dicomout`).
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    done = out / "nodules.json"
-    if done.exists():
-        done.unlink()
-    t = time.perf_counter()
-    write_nifti(pred.labels, volume, out / "nodules.nii.gz", dtype=np.uint16)
-    write_nifti(pred.lungs, volume, out / "lungs.nii.gz", dtype=np.uint8)
-    for old in out.glob("nodule_[0-9][0-9][0-9].png"):       # a rerun may find fewer
-        old.unlink()
-    for n in pred.nodules:
-        figures.nodule_png(volume, pred.labels, n, out / f"nodule_{n['id']:03d}.png")
-    figures.overview_png(volume, pred.lungs, pred.nodules, out / "overview.png")
-    if volume.sop_uids:                                         # a DICOM series: SEG and SR for the archive
-        from .dicomout import write_seg_and_sr
-
-        write_seg_and_sr(out, volume, pred.labels, pred.lungs, pred.nodules)
-    with open(out / "nodules.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        w.writeheader()
-        w.writerows(_csv_row(n) for n in pred.nodules)
-    timings = {**pred.timings, "write_s": round(time.perf_counter() - t, 3)}
-    report = {
-        "lungseg_version": __version__,
-        "source": volume.path,
-        "input_sha256": input_sha256,
-        "patient_id": volume.patient_id,
-        "study_uid": volume.study_uid,
-        "series_uid": volume.series_uid,
-        "shape_zyx": list(volume.shape),
-        "spacing_zyx_mm": list(volume.spacing),
-        "frames": {"centroid_voxel_zyx": "voxel indices (slice, row, column) of the source series",
-                   "centroid_world_lps_mm": "DICOM patient coordinates (LPS), mm",
-                   "masks": "nodules.nii.gz / lungs.nii.gz on the source grid, NIfTI RAS affine"},
-        "checkpoints": checkpoints,
-        "settings": settings,
-        "timings_s": timings,
-        "disclaimer": DISCLAIMER,
-        "n_nodules": len(pred.nodules),
-        "nodules": pred.nodules,
-    }
-    figures.write_html(out, report)
-    write_text(done, json.dumps(report, indent=2))
-    return done
-
-
-@dataclass(frozen=True)
-class SeriesJob:
-    """One input series: a DICOM folder (with its series UID) or a NIfTI file.
-
-    ``name`` is its report folder under ``--out``; ``files`` are the files it
-    is read from (their bytes make :func:`input_sha256`; none: the ``path``);
-    ``problem``: why a folder of the tree could not be read (the job fails).
-    """
-
-    path: Path
-    series_uid: str | None
-    name: str
-    files: tuple[str, ...] = ()
-    problem: str | None = None
-
-
-def input_sha256(job: SeriesJob) -> str:
-    """SHA-256 over the bytes of the job's files, in order: what its report was made from."""
-    h = hashlib.sha256()
-    for f in job.files or (str(job.path),):
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def unique_names(jobs: Sequence[SeriesJob]) -> list[SeriesJob]:
-    """The jobs with distinct report names: a name that recurs (an edited copy of a series keeps its UID) gets
-    ``-2``, ``-3``... in the jobs' order."""
-    seen: dict[str, int] = {}
-    out = []
-    for job in jobs:
-        seen[job.name] = seen.get(job.name, 0) + 1
-        out.append(job if seen[job.name] == 1 else dataclasses.replace(job, name=f"{job.name}-{seen[job.name]}"))
-    return out
-
-
-def nifti_stem(path: Path) -> str:
-    """A NIfTI file's name without ``.nii`` or ``.nii.gz`` (``scan.v1.nii.gz`` -> ``scan.v1``)."""
-    name = path.name
-    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")] if name.endswith(".nii") \
-        else path.stem
-
-
-def find_inputs(source: str | os.PathLike) -> list[SeriesJob]:
-    """The series under ``source``: a NIfTI file, or every CT series in a DICOM folder tree (distinct names)."""
-    source = Path(source)
-    if source.is_file():
-        if not source.name.endswith((".nii", ".nii.gz")):
-            raise LungsegError(f"{source}: expected a DICOM folder or a .nii/.nii.gz file")
-        return [SeriesJob(source, None, nifti_stem(source), (str(source),))]
-    errors: list[tuple[str, str]] = []
-    series = [s for s in find_series(source, errors) if s.modality == "CT"]
-    if not series and not errors:
-        raise LungsegError(f"{source}: no CT series found in this folder or below it")
-    return unique_names([SeriesJob(Path(s.folder), s.series_uid, s.series_uid, tuple(s.files)) for s in series] +
-                        [SeriesJob(Path(f), None, Path(f).name, problem=message) for f, message in errors])
 
 
 def checkpoint_paths(seg=None, cls=None, det=None) -> tuple[Path, Path, Path | None]:
@@ -529,11 +384,6 @@ def predict(source: str | os.PathLike, seg: str | os.PathLike | None, cls: str |
     models = Models.load(seg, cls, cfg.device, det_path=det)
     yield from report_each(jobs, out, lambda volume: predict_volume(volume, models, cfg),
                            checkpoints=models.checkpoints, settings=report_settings(models, cfg))
-
-
-def read_job(job: SeriesJob) -> CTVolume:
-    """The volume of one input: a DICOM series or a NIfTI file."""
-    return read_nifti_volume(job.path) if job.series_uid is None else read_series(job.path, job.series_uid)
 
 
 def report_each(jobs: Sequence[SeriesJob], out: str | os.PathLike, predict_fn: Callable[[CTVolume], Prediction], *,

@@ -1,4 +1,9 @@
-"""What a person sees of a prediction: per-nodule figures, an overview figure and an HTML page.
+"""What a person sees of a prediction: the report folder, per-nodule figures, an overview figure and an HTML page.
+
+- :func:`write_report`: a series' report folder (masks as NIfTI, the
+  figures, for DICOM inputs a SEG and an SR, the CSV, the HTML page, and
+  ``nodules.json`` last), from a :class:`Prediction`. Nothing here needs
+  PyTorch, so a helper process writes reports while the networks run;
 
 - :func:`nodule_png`: axial, coronal and sagittal views through one finding,
   its outline in red;
@@ -15,13 +20,18 @@ left, the head at the top of the coronal view.
 from __future__ import annotations
 
 import base64
+import csv
 import html
+import json
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .dicomio import CTVolume, reorient_to_axial
+from . import __version__
+from .dicomio import CTVolume, reorient_to_axial, write_nifti
 from .files import write_text
 
 #: HU window of the figures (lung parenchyma to soft tissue).
@@ -174,3 +184,97 @@ of {spacing} mm (z, y, x); source <code>{esc(str(report['source']))}</code>; lun
 
 
 __all__ = ["WINDOW_HU", "MIP_WINDOW_HU", "nodule_png", "describe", "overview_png", "write_html"]
+
+
+# --------------------------------------------------------------------------
+# The report folder
+# --------------------------------------------------------------------------
+
+DISCLAIMER = ("Research software, not a medical device. The malignancy probability and the masks are only "
+              "as good as the data the checkpoints were trained on (see 'checkpoints'); weights trained on "
+              "the synthetic LIDC twin carry no accuracy claim on real CT.")
+
+
+@dataclass
+class Prediction:
+    """Result of :func:`predict_volume`."""
+
+    nodules: list[dict[str, Any]]
+    labels: np.ndarray           # (z, y, x) uint16 on the original grid: nodule id, 0 background
+    lungs: np.ndarray            # (z, y, x) uint8 on the original grid
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+CSV_COLUMNS = ["id", "centroid_z", "centroid_y", "centroid_x", "world_x_mm", "world_y_mm", "world_z_mm",
+               "long_axis_mm", "diameter_mm", "volume_mm3", "mean_hu", "size_category", "lung_side",
+               "nodule_probability", "malignancy_probability", "malignancy_probability_network",
+               "segmentation_confidence"]
+
+
+def _csv_row(n: dict) -> dict:
+    z, y, x = n["centroid_voxel_zyx"]
+    wx, wy, wz = n["centroid_world_lps_mm"]
+    return {**{k: n.get(k) for k in CSV_COLUMNS if k in n}, "centroid_z": z, "centroid_y": y, "centroid_x": x,
+            "world_x_mm": wx, "world_y_mm": wy, "world_z_mm": wz}
+
+
+def _report_of(path: Path) -> str | None:
+    """The ``input_sha256`` of a complete report (None: no report, or one without it)."""
+    try:
+        return json.loads(path.read_text()).get("input_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def write_report(out: Path, volume: CTVolume, pred: Prediction, *, checkpoints: dict, settings: dict,
+                 input_sha256: str | None = None) -> Path:
+    """Write a series' report folder; ``nodules.json`` last, so it marks a complete report.
+
+    The one report format of lungseg: plugins that find nodules another way
+    write theirs with it too, naming their own ``checkpoints`` and ``settings``.
+    For a DICOM series it also writes ``seg.dcm`` and ``sr.dcm``
+    (:mod:`lungseg.dicomout`).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    done = out / "nodules.json"
+    if done.exists():
+        done.unlink()
+    t = time.perf_counter()
+    write_nifti(pred.labels, volume, out / "nodules.nii.gz", dtype=np.uint16)
+    write_nifti(pred.lungs, volume, out / "lungs.nii.gz", dtype=np.uint8)
+    for old in out.glob("nodule_[0-9][0-9][0-9].png"):       # a rerun may find fewer
+        old.unlink()
+    for n in pred.nodules:
+        nodule_png(volume, pred.labels, n, out / f"nodule_{n['id']:03d}.png")
+    overview_png(volume, pred.lungs, pred.nodules, out / "overview.png")
+    if volume.sop_uids:                                         # a DICOM series: SEG and SR for the archive
+        from .dicomout import write_seg_and_sr
+
+        write_seg_and_sr(out, volume, pred.labels, pred.lungs, pred.nodules)
+    with open(out / "nodules.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        w.writerows(_csv_row(n) for n in pred.nodules)
+    timings = {**pred.timings, "write_s": round(time.perf_counter() - t, 3)}
+    report = {
+        "lungseg_version": __version__,
+        "source": volume.path,
+        "input_sha256": input_sha256,
+        "patient_id": volume.patient_id,
+        "study_uid": volume.study_uid,
+        "series_uid": volume.series_uid,
+        "shape_zyx": list(volume.shape),
+        "spacing_zyx_mm": list(volume.spacing),
+        "frames": {"centroid_voxel_zyx": "voxel indices (slice, row, column) of the source series",
+                   "centroid_world_lps_mm": "DICOM patient coordinates (LPS), mm",
+                   "masks": "nodules.nii.gz / lungs.nii.gz on the source grid, NIfTI RAS affine"},
+        "checkpoints": checkpoints,
+        "settings": settings,
+        "timings_s": timings,
+        "disclaimer": DISCLAIMER,
+        "n_nodules": len(pred.nodules),
+        "nodules": pred.nodules,
+    }
+    write_html(out, report)
+    write_text(done, json.dumps(report, indent=2))
+    return done
