@@ -377,26 +377,40 @@ def predict(source: str | os.PathLike, seg: str | os.PathLike | None, cls: str |
     ``seg``, ``cls`` and ``det`` default to the bundled models
     (:func:`checkpoint_paths`). ``status`` is 'done' (detail: the report
     path), 'skipped' (a complete report of the same input exists) or 'failed' (detail: the
-    error message).
+    error message). A helper process reads and writes (:class:`lungseg.pipeline.Lane`): a
+    script that calls this runs it under ``if __name__ == "__main__":``.
     """
+    from .pipeline import Lane
+
     jobs = find_inputs(source)
-    seg, cls, det = checkpoint_paths(seg, cls, det)
-    models = Models.load(seg, cls, cfg.device, det_path=det)
-    yield from report_each(jobs, out, lambda volume: predict_volume(volume, models, cfg),
-                           checkpoints=models.checkpoints, settings=report_settings(models, cfg))
+    out = Path(out)
+    with Lane() as lane:
+        first = next((job for job in jobs if not job.problem), None)
+        if first is not None:                   # read while PyTorch loads, then ready the writer
+            lane.read(first, out / first.name)
+            lane.warm()
+        seg, cls, det = checkpoint_paths(seg, cls, det)
+        models = Models.load(seg, cls, cfg.device, det_path=det)
+        yield from report_each(jobs, out, lambda volume: predict_volume(volume, models, cfg),
+                               checkpoints=models.checkpoints, settings=report_settings(models, cfg), lane=lane)
 
 
 def report_each(jobs: Sequence[SeriesJob], out: str | os.PathLike, predict_fn: Callable[[CTVolume], Prediction], *,
-                checkpoints: dict, settings: dict, read: Callable[[SeriesJob], CTVolume] = read_job
-                ) -> Iterator[tuple[SeriesJob, str, Any]]:
-    """Read, predict and report each job into ``out/<job.name>/``; yields (job, status, detail).
+                checkpoints: dict, settings: dict, read: Callable[[SeriesJob], CTVolume] = read_job,
+                lane=None) -> Iterator[tuple[SeriesJob, str, Any]]:
+    """Read, predict and report each job into ``out/<job.name>/``; yields (job, status, detail), in job order.
 
     ``status`` is 'done' (detail: the report path), 'skipped' (a complete
     report of the same input, by :func:`input_sha256`, exists; a report of
     another input there is made again) or 'failed' (detail: the error
     message). Any pipeline that turns a volume into a :class:`Prediction`
-    reports through here.
+    reports through here. With a :class:`lungseg.pipeline.Lane` a helper
+    process reads (``read`` is then :func:`read_job`) and writes, the next
+    series read and the last report written while ``predict_fn`` runs.
     """
+    if lane is not None:
+        yield from _report_each_beside(jobs, Path(out), predict_fn, checkpoints, settings, lane)
+        return
     out = Path(out)
     for job in jobs:
         folder = out / job.name
@@ -421,3 +435,42 @@ def report_each(jobs: Sequence[SeriesJob], out: str | os.PathLike, predict_fn: C
                                             input_sha256=sha)
         except LungsegError as exc:
             yield job, "failed", str(exc)
+
+
+def _report_each_beside(jobs, out: Path, predict_fn, checkpoints, settings, lane) -> Iterator[tuple]:
+    """:func:`report_each` with the reading and writing in ``lane``'s helper process."""
+    from collections import deque
+
+    readable = [job for job in jobs if not job.problem]
+    following = {a.name: b for a, b in zip(readable, readable[1:])}
+    results: deque = deque()        # per job in order: (job, status, detail), or (job, future of its report)
+
+    def finished():
+        while results and (len(results[0]) == 3 or results[0][1].done()):
+            entry = results.popleft()
+            yield entry if len(entry) == 3 else (entry[0], *entry[1].result())
+
+    for job in jobs:
+        if job.problem:
+            results.append((job, "failed", job.problem))
+            continue
+        folder = out / job.name
+        got = lane.volume(job, folder)
+        if job.name in following:                       # the next series is read while this one computes
+            lane.read(following[job.name], out / following[job.name].name)
+        if got[0] != "read":
+            results.append((job, *got))
+        else:
+            _, sha, volume, load_s = got
+            try:
+                pred = predict_fn(volume)
+            except LungsegError as exc:
+                lane.forget(job)
+                results.append((job, "failed", str(exc)))
+            else:
+                pred.timings = {"load_s": load_s, **pred.timings}
+                results.append((job, lane.write(job, folder, pred, checkpoints=checkpoints, settings=settings,
+                                                sha=sha)))
+        yield from finished()
+    for entry in results:
+        yield entry if len(entry) == 3 else (entry[0], *entry[1].result())
