@@ -146,16 +146,23 @@ def _fold_batch_norms(model: torch.nn.Module) -> int:
 def inference_ready(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
     """A network on ``device`` in eval mode, made faster for prediction with the same outputs (to float rounding).
 
-    Batch norms are folded into their convolutions; on the CPU, 3D networks
-    take the channels-last memory format, where oneDNN's 3D convolutions and
-    pooling run about 3x faster than in the default layout
-    (``python benchmarks/predict.py`` times it). Only for inference: the
-    folded network cannot train.
+    Batch norms are folded into their convolutions, and the network takes
+    :func:`fast_layout`'s memory format (the detector's 1,000 candidate ROIs
+    of LIDC-IDRI-0001: 2.8 s -> 0.7 s on two cores, with 16-ROI batches).
+    Only for inference: the folded network cannot train.
     """
     dev = torch.device(device)
     model = model.eval().to(dev)
     with torch.no_grad():
         _fold_batch_norms(model)
-    if dev.type == "cpu" and any(isinstance(m, torch.nn.Conv3d) for m in model.modules()):
+    return fast_layout(model, dev)
+
+
+def fast_layout(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """``model`` with the memory format its convolutions run fastest in on ``device``: channels-last 3D on the
+    CPU (oneDNN's 3D convolutions, pooling and their gradients: 1.4-3x the default layout on two cores,
+    ``python benchmarks/train.py``), as it is elsewhere. The values are unchanged; training and prediction
+    both use it."""
+    if torch.device(device).type == "cpu" and any(isinstance(m, torch.nn.Conv3d) for m in model.modules()):
         model = model.to(memory_format=torch.channels_last_3d)
     return model

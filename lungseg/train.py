@@ -50,7 +50,7 @@ from .checkpoints import (CHECKPOINT_FORMAT, load_checkpoint, load_model,  # noq
                           save_checkpoint, unwrap)
 from .configs import ClsConfig, DetConfig, SegConfig, TrainConfig  # noqa: F401  (re-exported)
 from .datasets import CandidateDataset, CandidateSegDataset, EpochSampler, RoiDataset, SubcaseDataset
-from .device import precision_context
+from .device import fast_layout, precision_context
 from .errors import TrainingError  # noqa: F401  (re-exported)
 from .losses import SegLoss
 from .malignancy import cls_loss
@@ -383,7 +383,7 @@ def _fit(cfg: TrainConfig, cache_path, out: Path, resume: bool, cb: Callbacks, w
         cb = Callbacks()
 
     _seed_everything(cfg.seed)
-    model = distributed.prepare(cfg.build_model().to(device), world, device)
+    model = fast_layout(distributed.prepare(cfg.build_model().to(device), world, device), device)
     wd = getattr(cfg, "weight_decay", 0.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=wd) if wd else \
         torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -437,12 +437,12 @@ def _fit(cfg: TrainConfig, cache_path, out: Path, resume: bool, cb: Callbacks, w
                   **({"skipped_batches": skipped} if skipped else {})}
         payload = _payload(task, cfg, state, data, cache_path, epoch=epoch + 1, best=best, metric=metric_name,
                            scores=scores)
-        if world.is_main:
+        if world.is_main:       # the log line first: a resume keeps as many lines as last.pt has epochs
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
             save_checkpoint(last_path, payload)
             if improved:
                 save_checkpoint(best_path, payload)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
             plot_curves(log_path, out / "curves.png", metric_name)
         epochs_run += 1
         if cb.on_epoch_end:
@@ -457,7 +457,8 @@ def _version() -> str:
 
 
 def _truncate_log(path: Path, epochs: int) -> None:
-    """Keep the first ``epochs`` lines of a run log (an interrupted epoch may have logged nothing)."""
+    """Keep the first ``epochs`` lines of a run log (an interrupted epoch may have logged its line and not saved
+    its checkpoint)."""
     if path.exists():
         lines = path.read_text().splitlines()[:epochs]
         path.write_text("".join(line + "\n" for line in lines))
