@@ -10,8 +10,10 @@ loss, backward, Adam step) on random inputs, in a process of its own, with
 the network laid out as its ``train-seg`` / ``train-cls`` / ``train-det`` lay
 it out (this checkout: channels-last 3D on the CPU,
 :func:`lungseg.device.fast_layout`); both print samples per second side by
-side, with the mean loss of the timed steps (the same inputs and initial
-weights: equal to float rounding). Networks: the Res U-Net and U-Net
+side, network by network with the checkouts in turn (the machine's speed
+drifts), with the mean loss of the timed steps (the same inputs and initial
+weights: equal to float rounding, up to the batch-norm ResNets' sensitivity
+at initialisation, see ``tests/ddp_gradients.py``). Networks: the Res U-Net and U-Net
 (segmentation, 1 x 48 x 192 x 192 by default, ``--seg-shape`` for another
 patch), the ResNet50s and nodulenet (classification, 16 x 48 x 48 ROIs) and
 the detector's network. One warm-up step is not timed. bf16 rows run only
@@ -79,6 +81,9 @@ for name, kind, shape, batch, extra in nets:
 """
 
 
+NETS = ("resunet3d", "unet3d", "resnet3d50", "resnet3d50_plain", "resnet2d50", "nodulenet", "candidatenet")
+
+
 def rows_of(checkout: Path, options: dict) -> list[dict]:
     out = subprocess.run([sys.executable, "-c", CHILD, str(checkout), json.dumps(options)], capture_output=True,
                          text=True)
@@ -116,13 +121,15 @@ def main() -> None:
               f"{torch.__version__} ({torch.get_num_threads()} threads); previous: {args.baseline}, this: "
               + subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                                text=True).stdout.strip())
-        before, after = rows_of(previous, options), rows_of(ROOT, options)
         print(f"{'network':<17} {'input':<14} {'batch':>5} {'precision':<9} {'previous':>9} {'this':>9} "
               f"{'this/prev':>9}  samples/s; mean loss previous / this")
-        for a, b in zip(before, after):
-            print(f"{b['net']:<17} {b['input']:<14} {b['batch']:>5} {b['precision']:<9} "
-                  f"{a['samples_per_s']:9.2f} {b['samples_per_s']:9.2f} {b['samples_per_s'] / a['samples_per_s']:9.2f}"
-                  f"  {a['loss']:.5f} / {b['loss']:.5f}")
+        for net in args.nets or NETS:         # network by network, the checkouts in turn: a drift touches both
+            one = {**options, "nets": [net]}
+            before, after = rows_of(previous, one), rows_of(ROOT, one)
+            for a, b in zip(before, after):
+                print(f"{b['net']:<17} {b['input']:<14} {b['batch']:>5} {b['precision']:<9} "
+                      f"{a['samples_per_s']:9.2f} {b['samples_per_s']:9.2f} "
+                      f"{b['samples_per_s'] / a['samples_per_s']:9.2f}  {a['loss']:.5f} / {b['loss']:.5f}", flush=True)
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(previous)], check=False)
         shutil.rmtree(work, ignore_errors=True)
