@@ -30,6 +30,7 @@ worst = max(float((a.grad - b.grad).abs().max() / b.grad.abs().max().clamp_min(1
             for a, b in zip(model.parameters(), reference.parameters()))
 running = max(float((a - b).abs().max()) for a, b in zip(model.state_dict().values(), reference.state_dict().values())
               if a.is_floating_point())
-print(f"rank {world.rank}: worst relative gradient difference {worst:.3g}, running statistics {running:.3g}")
+print(f"rank {world.rank}: worst relative gradient difference {worst:.3g}, running statistics {running:.3g}",
+      flush=True)
 dist.barrier()
 distributed.teardown(world)
