@@ -103,7 +103,8 @@ class Models:
             op = det_ckpt.get("operating_point")
             rescorer = Rescorer.from_dict(det_ckpt["rescore"]) if det_ckpt.get("rescore") else None
             det = inference_ready(det, dev)
-        return cls(inference_ready(seg, dev), inference_ready(clf, dev), config, info, dev, det, op, rescorer, load_hybrid(cls_ckpt))
+        return cls(inference_ready(seg, dev), inference_ready(clf, dev), config, info, dev, det, op, rescorer,
+                   load_hybrid(cls_ckpt))
 
 
 def _gaussian_weights(shape) -> np.ndarray:
