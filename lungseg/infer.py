@@ -383,15 +383,13 @@ def predict(source: str | os.PathLike, seg: str | os.PathLike | None, cls: str |
     """
     from .pipeline import Lane
 
-    jobs = find_inputs(source)
     out = Path(out)
-    with Lane() as lane:
-        first = next((job for job in jobs if not job.problem), None)
-        if first is not None:                   # read while PyTorch loads, then ready the writer
-            lane.read(first, out / first.name)
-            lane.warm()
+    with Lane() as lane:            # finds and reads the first series while PyTorch loads
+        found = lane.discover(source, out)
+        lane.warm()
         seg, cls, det = checkpoint_paths(seg, cls, det)
         models = Models.load(seg, cls, cfg.device, det_path=det)
+        jobs = lane.jobs(found)
         yield from report_each(jobs, out, lambda volume: predict_volume(volume, models, cfg),
                                checkpoints=models.checkpoints, settings=report_settings(models, cfg), lane=lane)
 

@@ -4,8 +4,9 @@
 output work to one helper (:class:`Lane`), a process of its own that never
 imports PyTorch:
 
-- it reads the first series (and hashes its bytes) while ``predict`` is
-  still importing PyTorch and loading the models;
+- it finds the series and reads the first one (and hashes its bytes), its
+  headers read once, while ``predict`` is still importing PyTorch and
+  loading the models;
 - it loads the writer's libraries (nibabel, matplotlib, highdicom) while the
   networks run;
 - over a folder of series it reads the next series and writes the last
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dicomio import CTVolume, SeriesJob, input_sha256, read_job
+from .dicomio import CTVolume, SeriesJob, find_inputs, input_sha256, read_job
 from .errors import LungsegError
 from .report import Prediction, _report_of, write_report
 
@@ -76,6 +77,17 @@ def _read(job: SeriesJob, folder: Path, exchange: Path) -> tuple:
     _VOLUMES[job.name] = volume
     return ("read", sha, dataclasses.replace(volume, hu=np.zeros((0, 0, 0), volume.hu.dtype), headers=()),
             _stash(volume.hu, exchange), round(time.perf_counter() - t, 3))
+
+
+def _discover(source, out: Path, exchange: Path) -> tuple:
+    """Find the inputs under ``source`` and read the first: ('failed', message) or ('found', jobs, the first
+    readable job's name or None, its :func:`_read` result)."""
+    try:
+        jobs = find_inputs(source)
+    except LungsegError as exc:
+        return "failed", str(exc)
+    first = next((job for job in jobs if not job.problem), None)
+    return "found", jobs, first and first.name, first and _read(first, out / first.name, exchange)
 
 
 def _warm() -> None:
@@ -166,16 +178,32 @@ class Lane:
 
     def volume(self, job: SeriesJob, folder: Path) -> tuple:
         """:meth:`read`'s result, with the volume's voxels taken from the helper."""
-        try:
-            got = self.read(job, folder).result()
-        except BrokenProcessPool as exc:
-            raise LungsegError(f"the helper process that reads and writes for predict stopped ({exc}); a script "
-                               "that calls lungseg.infer.predict must do so under if __name__ == '__main__':, "
-                               "as any program that starts processes") from None
+        got = self.read(job, folder).result()
         if got[0] != "read":
             return got
         _, sha, volume, voxels, seconds = got
         return "read", sha, dataclasses.replace(volume, hu=_take(voxels)), seconds
+
+    def discover(self, source, out: Path) -> Future:
+        """Find the inputs under ``source`` and read the first one in the helper; :meth:`jobs` takes the result."""
+        return self._pool.submit(_discover, source, out, self._exchange)
+
+    def jobs(self, found: Future) -> list[SeriesJob]:
+        """The jobs :meth:`discover` found (its read of the first is kept for :meth:`volume`)."""
+        try:
+            got = found.result()
+        except BrokenProcessPool as exc:
+            raise LungsegError(f"the helper process that reads and writes for predict stopped ({exc}); a script "
+                               "that calls lungseg.infer.predict must do so under if __name__ == '__main__':, "
+                               "as any program that starts processes") from None
+        if got[0] == "failed":
+            raise LungsegError(got[1])
+        _, jobs, first, read = got
+        if first is not None:
+            done: Future = Future()
+            done.set_result(read)
+            self._reads[first] = done
+        return jobs
 
     def warm(self) -> Future:
         return self._pool.submit(_warm)
