@@ -24,6 +24,7 @@ import csv
 import html
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,23 @@ def _report_of(path: Path) -> str | None:
         return None
 
 
+def _write_masks(out: Path, volume: CTVolume, pred: Prediction) -> None:
+    write_nifti(pred.labels, volume, out / "nodules.nii.gz", dtype=np.uint16)
+    write_nifti(pred.lungs, volume, out / "lungs.nii.gz", dtype=np.uint8)
+
+
+def _write_figures_and_dicom(out: Path, volume: CTVolume, pred: Prediction) -> None:
+    for old in out.glob("nodule_[0-9][0-9][0-9].png"):       # a rerun may find fewer
+        old.unlink()
+    for n in pred.nodules:
+        nodule_png(volume, pred.labels, n, out / f"nodule_{n['id']:03d}.png")
+    overview_png(volume, pred.lungs, pred.nodules, out / "overview.png")
+    if volume.sop_uids:                                         # a DICOM series: SEG and SR for the archive
+        from .dicomout import write_seg_and_sr
+
+        write_seg_and_sr(out, volume, pred.labels, pred.lungs, pred.nodules)
+
+
 def write_report(out: Path, volume: CTVolume, pred: Prediction, *, checkpoints: dict, settings: dict,
                  input_sha256: str | None = None) -> Path:
     """Write a series' report folder; ``nodules.json`` last, so it marks a complete report.
@@ -240,17 +258,12 @@ def write_report(out: Path, volume: CTVolume, pred: Prediction, *, checkpoints: 
     if done.exists():
         done.unlink()
     t = time.perf_counter()
-    write_nifti(pred.labels, volume, out / "nodules.nii.gz", dtype=np.uint16)
-    write_nifti(pred.lungs, volume, out / "lungs.nii.gz", dtype=np.uint8)
-    for old in out.glob("nodule_[0-9][0-9][0-9].png"):       # a rerun may find fewer
-        old.unlink()
-    for n in pred.nodules:
-        nodule_png(volume, pred.labels, n, out / f"nodule_{n['id']:03d}.png")
-    overview_png(volume, pred.lungs, pred.nodules, out / "overview.png")
-    if volume.sop_uids:                                         # a DICOM series: SEG and SR for the archive
-        from .dicomout import write_seg_and_sr
-
-        write_seg_and_sr(out, volume, pred.labels, pred.lungs, pred.nodules)
+    # The masks are compressed in a thread (zlib lets go of the GIL) while the figures and the DICOM outputs
+    # are made; both are done before nodules.json is written.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        masks = pool.submit(_write_masks, out, volume, pred)
+        _write_figures_and_dicom(out, volume, pred)
+        masks.result()
     with open(out / "nodules.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         w.writeheader()
