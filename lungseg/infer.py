@@ -49,7 +49,7 @@ from .dicomio import (CTVolume, SeriesJob, check_chest_ct, find_inputs, input_sh
                       read_job, reorient_to_axial, unique_names)
 from .errors import LungsegError
 from .preprocess import PreprocessConfig, crop, mask_to_grid, resample, resampled_shape, roi_start, scan_lungs, window
-from .report import CSV_COLUMNS, DISCLAIMER, Prediction, write_report, _report_of  # noqa: F401  (re-exported)
+from .report import CSV_COLUMNS, DISCLAIMER, Prediction, report_of_input, write_report  # noqa: F401
 
 if TYPE_CHECKING:       # PyTorch is imported where a network runs, so a helper process can start without it
     import torch
@@ -419,13 +419,10 @@ def report_each(jobs: Sequence[SeriesJob], out: str | os.PathLike, predict_fn: C
         try:
             t = time.perf_counter()
             sha = input_sha256(job)
-            done = folder / "nodules.json"
-            if done.exists():
-                if _report_of(done) == sha:
-                    yield job, "skipped", done
-                    continue
-                done.unlink()                           # the report of another input: not this one's
-                log.info("%s: the report there is of another input; predicting again", folder)
+            done = report_of_input(folder, sha)
+            if done is not None:
+                yield job, "skipped", done
+                continue
             volume = read(job)
             load_s = time.perf_counter() - t
             pred = predict_fn(volume)

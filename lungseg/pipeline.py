@@ -37,7 +37,7 @@ import numpy as np
 
 from .dicomio import CTVolume, SeriesJob, find_inputs, input_sha256, read_job
 from .errors import LungsegError
-from .report import Prediction, _report_of, write_report
+from .report import Prediction, report_of_input, write_report
 
 def _stash(array: np.ndarray, folder: Path) -> Path:
     """Put an array where the other process takes it (:func:`_take`)."""
@@ -66,11 +66,9 @@ def _read(job: SeriesJob, folder: Path, exchange: Path) -> tuple:
     t = time.perf_counter()
     try:
         sha = input_sha256(job)
-        done = folder / "nodules.json"
-        if done.exists():
-            if _report_of(done) == sha:
-                return "skipped", done
-            done.unlink()                               # the report of another input: not this one's
+        done = report_of_input(folder, sha)
+        if done is not None:
+            return "skipped", done
         volume = read_job(job)
     except LungsegError as exc:
         return "failed", str(exc)

@@ -23,6 +23,7 @@ import base64
 import csv
 import html
 import json
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ import numpy as np
 from . import __version__
 from .dicomio import CTVolume, reorient_to_axial, write_nifti
 from .files import write_text
+
+log = logging.getLogger(__name__)
 
 #: HU window of the figures (lung parenchyma to soft tissue).
 WINDOW_HU = (-1000.0, 400.0)
@@ -219,12 +222,21 @@ def _csv_row(n: dict) -> dict:
             "world_x_mm": wx, "world_y_mm": wy, "world_z_mm": wz}
 
 
-def _report_of(path: Path) -> str | None:
-    """The ``input_sha256`` of a complete report (None: no report, or one without it)."""
-    try:
-        return json.loads(path.read_text()).get("input_sha256")
-    except (OSError, ValueError, AttributeError):
+def report_of_input(folder: Path, sha: str) -> Path | None:
+    """``folder``'s complete report when it was made from the input of SHA-256 ``sha`` (a rerun skips it);
+    else None, a complete report of another input there removed first (it is not this input's)."""
+    done = folder / "nodules.json"
+    if not done.exists():
         return None
+    try:
+        made_from = json.loads(done.read_text()).get("input_sha256")
+    except (OSError, ValueError, AttributeError):
+        made_from = None
+    if made_from == sha:
+        return done
+    done.unlink()
+    log.info("%s: the report there is of another input; predicting again", folder)
+    return None
 
 
 def _write_masks(out: Path, volume: CTVolume, pred: Prediction) -> None:
