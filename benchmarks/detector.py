@@ -291,7 +291,7 @@ def rescoring_study(det: Path, train_cache: Path, train_split: Path, test_cache:
         cache, out = Cache(cache_path), []
         for uid in split_scans(cache, read_split(split_file), split):
             c, spacing = cache.scan(uid)["candidates"], np.asarray(cache.scan(uid).attrs["spacing"], float)
-            p = score_rois(model, c["image"][()], device=torch.device("cpu"))
+            p = score_rois(model, cache.candidate_rois(uid), device=torch.device("cpu"))
             out.append({"x": candidate_features(p, c["response"][()], c["radius_mm"][()]), "label": c["label"][()],
                         "centres": c["centre"][()] * spacing, "radius": c["radius_mm"][()],
                         "ref": reference_nodules(cache, uid)})

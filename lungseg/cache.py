@@ -10,7 +10,7 @@ complete, and ``CACHE.h5`` (small: settings and links) is rewritten the same way
 after each scan. An interrupted run therefore always leaves a readable cache
 that lacks at most the scan in flight, and a rerun skips finished scans.
 
-Schema, version 2 (``SCHEMA_VERSION``). All arrays are (z, y, x) on the
+Schema, version 3 (``SCHEMA_VERSION``; version 2 caches still read). All arrays are (z, y, x) on the
 resampled grid unless named otherwise; world coordinates are DICOM LPS, mm.
 
 ``CACHE.h5``
@@ -57,9 +57,12 @@ scan file, root attrs
     blob-like first (K rows): ``centre`` (K, 3) float32 resampled-grid index,
     ``radius_mm``, ``response`` (LoG, HU), ``label`` (int8: 1 within a relevant
     nodule's radius, -1 within a nodule of fewer readers', 0 otherwise),
-    ``nodule`` (row of the nodule table hit, -1 none), ``start`` (K, 3) int32,
-    ``image`` (K, 16, 48, 48) float16 and ``mask`` (K, ...) uint8 (every relevant
-    nodule's mask): each candidate's ROI, centred as ``rois/*``.
+    ``nodule`` (row of the nodule table hit, -1 none), ``start`` (K, 3) int32:
+    the first voxel of each candidate's ROI, centred as ``rois/*``. The ROIs
+    themselves are cut from ``volume/*`` when read (:meth:`Cache.candidate_rois`);
+    version 2 stored them cut, as ``image`` (K, 16, 48, 48) and ``mask``.
+``volume/image``     the whole resampled volume, windowed as ``subcases/image`` (float16),
+``volume/mask``      and every relevant nodule's mask (uint8); with ``candidates/*`` only.
 Scan attributes ``kind`` ("crop", "composite"; absent for LIDC scans) and, for
 composites, ``background`` say where an entry came from.
 """
@@ -86,7 +89,10 @@ log = logging.getLogger(__name__)
 
 #: 2: ROIs of scans centred on voxel ``roi_shape // 2`` (:func:`lungseg.preprocess.roi_centre`),
 #: as crop ROIs always were; version 1 centred them half a voxel lower.
-SCHEMA_VERSION = 2
+#: 3: candidates keep only their ROIs' starts, the ROIs are cut from ``volume/*`` (a sixth of the bytes).
+SCHEMA_VERSION = 3
+#: The versions this lungseg reads (:meth:`Cache.candidate_rois` reads both candidate layouts).
+READABLE_SCHEMAS = (2, 3)
 
 #: Paper A's size categories (Table 2): upper diameter bound in mm, name.
 SIZE_CATEGORIES = (
@@ -168,6 +174,22 @@ class ScanRecordData:
     arrays: dict[str, np.ndarray]   # "subcases/image", "nodules/label", ...
 
 
+#: Chunks of ``volume/*``: one candidate ROI's size, so that a ROI cut at random reads a few chunks.
+VOLUME_CHUNKS = (16, 48, 48)
+
+
+def _storage(name: str, arr: np.ndarray) -> dict:
+    """How an array is stored. Stacks (sub-cases, ROIs) item by item, compressed with LZF (h5py's own: 2.5x
+    faster than gzip 4, 16 % larger). ``volume/*`` in ROI-sized chunks, the image uncompressed: ROIs are cut
+    from it at random while training, and decompressing the chunks a ROI touches took 10x the read."""
+    if arr.ndim < 3 or arr.size <= 4096:
+        return {}
+    if not name.startswith("volume/"):
+        return {"chunks": (1,) + arr.shape[1:], "compression": "lzf", "shuffle": True}
+    chunks = tuple(min(c, n) for c, n in zip(VOLUME_CHUNKS, arr.shape))
+    return {"chunks": chunks} if arr.dtype.kind == "f" else {"chunks": chunks, "compression": "lzf", "shuffle": True}
+
+
 class CacheWriter:
     """Adds scans to a cache, one complete scan file at a time.
 
@@ -221,13 +243,7 @@ class CacheWriter:
                     f.attrs[key] = value
                 for name, arr in record.arrays.items():
                     arr = np.asarray(arr)
-                    big = arr.ndim >= 3 and arr.size > 4096
-                    f.create_dataset(
-                        name, data=arr,
-                        chunks=(1,) + arr.shape[1:] if big else None,
-                        compression="lzf" if big else None,     # h5py's own: 2.5x faster than gzip 4, 16 % larger
-                        shuffle=big,
-                    )
+                    f.create_dataset(name, data=arr, **_storage(name, arr))
             _fsync(tmp)
             os.replace(tmp, final)
         finally:
@@ -272,10 +288,10 @@ def _check_version(f: h5py.File, path: Path) -> None:
     version = f.attrs.get("schema_version")
     if version is None:
         raise CacheError(f"{path}: not a lungseg cache (no schema_version attribute)")
-    if int(version) != SCHEMA_VERSION:
+    if int(version) not in READABLE_SCHEMAS:
         raise CacheError(
-            f"{path}: cache schema version {int(version)}, this lungseg reads version "
-            f"{SCHEMA_VERSION}; run lungseg preprocess again"
+            f"{path}: cache schema version {int(version)}, this lungseg reads versions "
+            f"{', '.join(map(str, READABLE_SCHEMAS))}; run lungseg preprocess again"
         )
 
 
@@ -361,6 +377,33 @@ class Cache:
                              "--no-candidates, or before the detector came); preprocess the scans again into a new "
                              "cache")
         return g["candidates"]
+
+    def candidate_rois(self, series_uid: str, which=slice(None), *, masks: bool = False):
+        """The ROIs of a scan's candidates ``which`` (an index, a slice or an index array), float16 windowed.
+
+        One index gives one (16, 48, 48) ROI, else a (K, 16, 48, 48) stack; with
+        ``masks``, also the relevant nodules' masks there (uint8), as a pair.
+        Cut from ``volume/*`` at ``candidates/start`` (:func:`lungseg.preprocess.crop`,
+        zero past the volume); a version 2 scan had them stored cut.
+        """
+        from .preprocess import crop
+
+        c, g = self.candidates(series_uid), self.scan(series_uid)
+        single = isinstance(which, (int, np.integer))
+        pick = (lambda ds: ds[which]) if single or isinstance(which, slice) else (lambda ds: ds[()][which])
+        if "image" in c:                                        # schema version 2
+            out = [pick(c[name]) for name in (("image", "mask") if masks else ("image",))]
+        else:
+            starts = pick(c["start"]).reshape(-1, 3)
+            shape = g["rois/image"].shape[1:]
+            out = []
+            for name in ("volume/image", "volume/mask") if masks else ("volume/image",):
+                ds = g[name]
+                source = ds if len(starts) < 8 else ds[()]          # many ROIs: read the volume once
+                stack = np.stack([crop(source, s, shape) for s in starts]) if len(starts) \
+                    else np.zeros((0, *shape), ds.dtype)
+                out.append(stack[0] if single else stack)
+        return tuple(out) if masks else out[0]
 
     def nodule_table(self, series_uid: str) -> dict[str, np.ndarray]:
         g = self.scan(series_uid)

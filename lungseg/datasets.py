@@ -142,10 +142,17 @@ class CandidateDataset(_CacheDataset):
     def labels(self) -> np.ndarray:
         return np.array([item[-1] for item in self.items], dtype=np.int64)
 
+    def _roi(self, group: str, uid: str, i: int, *, mask: bool = False) -> tuple[np.ndarray, ...]:
+        """Item ``i`` of ``group`` ("candidates" or "rois"): its (16, 48, 48) image, with ``mask`` its nodule mask."""
+        if group == "candidates":
+            return self.cache.candidate_rois(uid, i, masks=True) if mask else (self.cache.candidate_rois(uid, i),)
+        g = self.cache.scan(uid)
+        return (g["rois/image"][i], g["rois/mask"][i]) if mask else (g["rois/image"][i],)
+
     def __getitem__(self, key):
         index, epoch = self._unpack(key)
         group, uid, i, label = self.items[index]
-        image = self.cache.scan(uid)[f"{group}/image"][i].astype(np.float32)
+        image = self._roi(group, uid, i)[0].astype(np.float32)
         if self.augment:
             (image,) = augment([image], self._rng(index, epoch))
         return torch.from_numpy(image)[None], torch.tensor(label, dtype=torch.long)
@@ -168,9 +175,7 @@ class CandidateSegDataset(CandidateDataset):
     def __getitem__(self, key):
         index, epoch = self._unpack(key)
         group, uid, i, label = self.items[index]
-        g = self.cache.scan(uid)
-        image = g[f"{group}/image"][i].astype(np.float32)
-        mask = g[f"{group}/mask"][i].astype(np.float32)
+        image, mask = (a.astype(np.float32) for a in self._roi(group, uid, i, mask=True))
         if self.augment:
             image, mask = augment([image, mask], self._rng(index, epoch))
         return torch.from_numpy(image)[None], torch.from_numpy(mask)[None]

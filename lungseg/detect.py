@@ -374,7 +374,7 @@ def scan_findings(model, cache, uid: str, *, device, precision: str = "fp32", re
                   ) -> tuple[np.ndarray, np.ndarray]:
     """A cache scan's candidates scored and suppressed: (candidate indices, their p(nodule)), best first."""
     c = cache.candidates(uid)
-    scores = p_nodule(model, c["image"][:], c["response"][:], c["radius_mm"][:], rescorer, device=device,
+    scores = p_nodule(model, cache.candidate_rois(uid), c["response"][:], c["radius_mm"][:], rescorer, device=device,
                       precision=precision)
     keep = suppress(c["centre"][:] * np.asarray(cache.scan(uid).attrs["spacing"], float), c["radius_mm"][:], scores)
     return keep, scores[keep]
@@ -429,7 +429,7 @@ def calibrate(checkpoint, cache_path, split: str = "val") -> dict:
     xs, ys = [], []
     for uid in uids:
         c = cache.candidates(uid)
-        x = candidate_features(score_rois(model, c["image"][:], device=device), c["response"][:], c["radius_mm"][:])
+        x = candidate_features(score_rois(model, cache.candidate_rois(uid), device=device), c["response"][:], c["radius_mm"][:])
         label = c["label"][:]
         xs.append(x[label >= 0])
         ys.append(label[label >= 0])

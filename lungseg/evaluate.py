@@ -314,7 +314,7 @@ def evaluate_detection(det, seg, cache: Cache, uids, *, device, precision: str =
         if seg is None:
             continue
         at = keep[found["froc"]["finding_scores"] >= det_threshold]
-        probs = segment_rois(seg, g["candidates/image"][()][at], device=device, precision=precision)
+        probs = segment_rois(seg, cache.candidate_rois(uid, at), device=device, precision=precision)
         labels, _ = finding_masks(probs, g["candidates/start"][()][at], tuple(g.attrs["shape"]), spacing,
                                   seg_threshold)
         roi_images, roi_masks = g["rois/image"][()], g["rois/mask"][()]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -65,7 +65,7 @@ def resample(array: np.ndarray, spacing: Sequence[float], new_spacing: Sequence[
         raise ValueError(f"order must be 0 (nearest) or 1 (trilinear), got {order}")
     ratio = np.asarray(new_spacing, float) / np.asarray(spacing, float)
     shape = tuple(shape) if shape is not None else resampled_shape(array.shape, spacing, new_spacing)
-    out = np.asarray(array) if order == 0 else np.asarray(array).astype(np.float32, copy=False)
+    out = np.asarray(array)         # cast to float32 after the first, most shrinking, axis: less to cast
     for axis in np.argsort(-ratio, kind="stable"):
         n = out.shape[axis]
         coords = np.arange(shape[axis]) * ratio[axis]
@@ -75,8 +75,8 @@ def resample(array: np.ndarray, spacing: Sequence[float], new_spacing: Sequence[
         lo = np.clip(np.floor(coords).astype(np.intp), 0, n - 1)
         weight = np.clip(coords - lo, 0.0, 1.0).astype(np.float32).reshape([-1 if a == axis else 1
                                                                              for a in range(out.ndim)])
-        a = np.take(out, lo, axis=axis)
-        b = np.take(out, np.minimum(lo + 1, n - 1), axis=axis)
+        a = np.take(out, lo, axis=axis).astype(np.float32, copy=False)
+        b = np.take(out, np.minimum(lo + 1, n - 1), axis=axis).astype(np.float32, copy=False)
         b -= a
         b *= weight
         a += b
@@ -364,51 +364,53 @@ def scan_record(volume: CTVolume, masks: Sequence[tuple[np.ndarray, tuple[slice,
     ratio = np.asarray(volume.spacing) / np.asarray(cfg.spacing)
     nodule_masks = [mask_to_grid(mask, box, ratio, new_shape) for mask, box in masks]
     union = np.any(nodule_masks, axis=0) if nodule_masks else np.zeros(new_shape, bool)
-    lungs = scan_lungs(hu, cfg, include=union)
-    image = window(hu, *cfg.window)
+    with ThreadPoolExecutor(1) as pool:
+        # The detector's candidates are found beside the rest (distance transforms and filters let go of the GIL),
+        # in the lungs found without the nodules' masks: where predict looks.
+        found = pool.submit(_blind_candidates, hu, cfg) if cfg.candidates else None
+        lungs = scan_lungs(hu, cfg, include=union) if union.any() or found is None else found.result()[0]
+        image = window(hu, *cfg.window)
 
-    starts = subcase_starts(lungs, cfg.subcase_shape)
-    sub = {
-        "subcases/image": np.stack([crop(image, s, cfg.subcase_shape) for s in starts]).astype(np.float16),
-        "subcases/mask": np.stack([crop(union.astype(np.uint8), s, cfg.subcase_shape) for s in starts]),
-        "subcases/lung": np.stack([crop(lungs.astype(np.uint8), s, cfg.subcase_shape) for s in starts]),
-        "subcases/start": np.asarray(starts, np.int32),
-    }
-    roi_starts, roi_images, roi_masks, centres = [], [], [], []
-    for row in rows:
-        c = np.asarray(row["centroid_voxel"]) * ratio
-        centres.append(c)
-        roi_starts.append(roi_start(c, cfg.roi_shape))
-    for start, m in zip(roi_starts, nodule_masks):
-        roi_images.append(crop(image, start, cfg.roi_shape))
-        roi_masks.append(crop(m.astype(np.uint8), start, cfg.roi_shape))
-    n = len(rows)
-    arrays = dict(sub)
-    arrays["rois/image"] = (np.stack(roi_images) if n else np.zeros((0, *cfg.roi_shape))).astype(np.float16)
-    arrays["rois/mask"] = (np.stack(roi_masks) if n else np.zeros((0, *cfg.roi_shape))).astype(np.uint8)
-    arrays["rois/start"] = np.asarray(roi_starts, np.int32).reshape(n, 3)
-    float_cols = ("malignancy_median", "diameter_mm", "long_axis_mm", "volume_mm3", "mean_hu")
-    dtypes = {"index": np.int16, "n_readers": np.int8, "ratings": np.int8, "annotation_ids": np.int32,
-              "label": np.int8, "size_category": np.int8, "centroid_voxel": np.float32,
-              "centroid_world": np.float32, **{k: np.float32 for k in float_cols}}
-    if rows and "ratings_majority" in rows[0]:
-        dtypes["ratings_majority"] = np.int8
-    for key, dtype in dtypes.items():
-        values = [r[key] for r in rows]
-        shape = (0, 4, len(lidc.CHARACTERISTICS)) if key == "ratings" else (0, 4) if key == "annotation_ids" \
-            else (0, 3) if key.startswith("centroid") else (0,)
-        arrays[f"nodules/{key}"] = np.asarray(values, dtype) if n else np.zeros(shape, dtype)
-    arrays["nodules/centroid_resampled"] = np.asarray(centres, np.float32).reshape(n, 3)
-    # Measured on the original grid: what the malignancy hybrid reads beside the network.
-    arrays["nodules/features"] = np.asarray([nodule_features(volume.hu[box], m, volume.spacing) for m, box in masks],
-                                            np.float32).reshape(n, len(FEATURES))
-    arrays["irrelevant/centroid_resampled"] = np.asarray(
-        [np.asarray(o["centroid_voxel"]) * ratio for o in irrelevant], np.float32).reshape(len(irrelevant), 3)
-    arrays["irrelevant/diameter_mm"] = np.asarray([o["diameter_mm"] for o in irrelevant], np.float32)
-    if cfg.candidates:
-        # The detector looks where predict looks: in the lungs found without the nodules' masks.
-        blind = scan_lungs(hu, cfg) if union.any() else lungs
-        arrays.update(_candidate_arrays(hu, blind, image, union, centres, rows, arrays, cfg))
+        starts = subcase_starts(lungs, cfg.subcase_shape)
+        sub = {
+            "subcases/image": np.stack([crop(image, s, cfg.subcase_shape) for s in starts]).astype(np.float16),
+            "subcases/mask": np.stack([crop(union.astype(np.uint8), s, cfg.subcase_shape) for s in starts]),
+            "subcases/lung": np.stack([crop(lungs.astype(np.uint8), s, cfg.subcase_shape) for s in starts]),
+            "subcases/start": np.asarray(starts, np.int32),
+        }
+        roi_starts, roi_images, roi_masks, centres = [], [], [], []
+        for row in rows:
+            c = np.asarray(row["centroid_voxel"]) * ratio
+            centres.append(c)
+            roi_starts.append(roi_start(c, cfg.roi_shape))
+        for start, m in zip(roi_starts, nodule_masks):
+            roi_images.append(crop(image, start, cfg.roi_shape))
+            roi_masks.append(crop(m.astype(np.uint8), start, cfg.roi_shape))
+        n = len(rows)
+        arrays = dict(sub)
+        arrays["rois/image"] = (np.stack(roi_images) if n else np.zeros((0, *cfg.roi_shape))).astype(np.float16)
+        arrays["rois/mask"] = (np.stack(roi_masks) if n else np.zeros((0, *cfg.roi_shape))).astype(np.uint8)
+        arrays["rois/start"] = np.asarray(roi_starts, np.int32).reshape(n, 3)
+        float_cols = ("malignancy_median", "diameter_mm", "long_axis_mm", "volume_mm3", "mean_hu")
+        dtypes = {"index": np.int16, "n_readers": np.int8, "ratings": np.int8, "annotation_ids": np.int32,
+                  "label": np.int8, "size_category": np.int8, "centroid_voxel": np.float32,
+                  "centroid_world": np.float32, **{k: np.float32 for k in float_cols}}
+        if rows and "ratings_majority" in rows[0]:
+            dtypes["ratings_majority"] = np.int8
+        for key, dtype in dtypes.items():
+            values = [r[key] for r in rows]
+            shape = (0, 4, len(lidc.CHARACTERISTICS)) if key == "ratings" else (0, 4) if key == "annotation_ids" \
+                else (0, 3) if key.startswith("centroid") else (0,)
+            arrays[f"nodules/{key}"] = np.asarray(values, dtype) if n else np.zeros(shape, dtype)
+        arrays["nodules/centroid_resampled"] = np.asarray(centres, np.float32).reshape(n, 3)
+        # Measured on the original grid: what the malignancy hybrid reads beside the network.
+        arrays["nodules/features"] = np.asarray([nodule_features(volume.hu[box], m, volume.spacing) for m, box in masks],
+                                                np.float32).reshape(n, len(FEATURES))
+        arrays["irrelevant/centroid_resampled"] = np.asarray(
+            [np.asarray(o["centroid_voxel"]) * ratio for o in irrelevant], np.float32).reshape(len(irrelevant), 3)
+        arrays["irrelevant/diameter_mm"] = np.asarray([o["diameter_mm"] for o in irrelevant], np.float32)
+        if found is not None:
+            arrays.update(_candidate_arrays(found.result()[1], union, image, centres, rows, arrays, cfg))
 
     voxel_ml = float(np.prod(cfg.spacing)) / 1000.0
     attrs = {
@@ -425,11 +427,19 @@ def scan_record(volume: CTVolume, masks: Sequence[tuple[np.ndarray, tuple[slice,
     return ScanRecordData(series_uid=str(attrs["series_uid"]), attrs=attrs, arrays=arrays)
 
 
-def _candidate_arrays(hu, lungs, image, union, centres, rows, arrays, cfg: PreprocessConfig) -> dict:
-    """The detector's candidates of a scan (:mod:`lungseg.detect`), labelled against its nodules, with their ROIs."""
-    from .detect import candidates, label_candidates
+def _blind_candidates(hu: np.ndarray, cfg: PreprocessConfig):
+    """The lung mask predict sees (:func:`scan_lungs` without nodules) and the detector's candidates in it."""
+    from .detect import candidates
 
-    cands = candidates(hu, lungs, cfg.spacing)
+    lungs = scan_lungs(hu, cfg)
+    return lungs, candidates(hu, lungs, cfg.spacing)
+
+
+def _candidate_arrays(cands, union, image, centres, rows, arrays, cfg: PreprocessConfig) -> dict:
+    """The detector's candidates of a scan (:mod:`lungseg.detect`) labelled against its nodules, with the volume
+    their ROIs are cut from."""
+    from .detect import label_candidates
+
     label, which = label_candidates(
         cands, cfg.spacing, [(c, r["diameter_mm"]) for c, r in zip(centres, rows)],
         list(zip(arrays["irrelevant/centroid_resampled"], arrays["irrelevant/diameter_mm"])))
@@ -442,10 +452,9 @@ def _candidate_arrays(hu, lungs, image, union, centres, rows, arrays, cfg: Prepr
         "candidates/label": label,
         "candidates/nodule": which,
         "candidates/start": np.asarray(starts, np.int32).reshape(k, 3),
-        "candidates/image": (np.stack([crop(image, s, cfg.roi_shape) for s in starts]) if k
-                             else np.zeros((0, *cfg.roi_shape))).astype(np.float16),
-        "candidates/mask": (np.stack([crop(union.astype(np.uint8), s, cfg.roi_shape) for s in starts]) if k
-                            else np.zeros((0, *cfg.roi_shape))).astype(np.uint8),
+        # The ROIs are cut from these when read (Cache.candidate_rois): they overlap, and stored cut took 6x the bytes.
+        "volume/image": image.astype(np.float16),
+        "volume/mask": union.astype(np.uint8),
     }
 
 

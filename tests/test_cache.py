@@ -233,3 +233,35 @@ def test_a_large_cache_keeps_few_files_open(tmp_path, monkeypatch):
             assert c.scan(uid).attrs["n_nodules"] == 1
         assert len(os.listdir("/proc/self/fd")) - before <= 4 + 2
         assert held["nodules/label"].shape == (1,)
+
+
+def test_candidate_rois_are_cut_from_the_volume_as_version_2_stored_them(tmp_path):
+    from lungseg.preprocess import crop
+
+    rng = np.random.default_rng(0)
+    image = rng.random((12, 20, 20)).astype(np.float16)
+    mask = (rng.random((12, 20, 20)) > 0.7).astype(np.uint8)
+    starts = np.array([[0, 0, 0], [-2, 5, 14], [8, 17, -3], [4, 4, 4]] * 3, np.int32)   # some run past the edges
+    roi = (4, 6, 6)
+    base = record("1.1", n_nodules=0)
+    base.arrays["rois/image"] = np.zeros((0, *roi), np.float16)
+    cut = {"image": np.stack([crop(image, s, roi) for s in starts]),
+           "mask": np.stack([crop(mask, s, roi) for s in starts])}
+    v3 = {**base.arrays, "candidates/start": starts, "candidates/label": np.zeros(len(starts), np.int8),
+          "volume/image": image, "volume/mask": mask}
+    v2 = {**base.arrays, "candidates/start": starts, "candidates/label": np.zeros(len(starts), np.int8),
+          "candidates/image": cut["image"], "candidates/mask": cut["mask"]}
+    path = tmp_path / "c.h5"
+    w = cache.CacheWriter(path, {})
+    w.add(cache.ScanRecordData("3", base.attrs, v3))
+    w.add(cache.ScanRecordData("2", base.attrs, v2))
+    with cache.Cache(path) as c:
+        for uid in ("3", "2"):
+            images, masks = c.candidate_rois(uid, masks=True)
+            np.testing.assert_array_equal(images, cut["image"])
+            np.testing.assert_array_equal(masks, cut["mask"])
+            np.testing.assert_array_equal(c.candidate_rois(uid, 1), cut["image"][1])       # one, read alone
+            at = np.array([5, 2])
+            np.testing.assert_array_equal(c.candidate_rois(uid, at), cut["image"][at])
+            assert c.candidate_rois(uid, np.zeros(0, int)).shape == (0, *roi)
+    assert cut["image"][1][:2].max() == 0      # before slice 0: zero, the window's -1000 HU

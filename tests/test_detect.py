@@ -107,7 +107,14 @@ def test_the_detector_trains_sets_its_operating_point_and_predicts(tiny_trained,
     c = Cache(tiny_trained["cache"])
     g = c.scan(next(u for u in c.series_uids if c.scan(u).attrs["patient_id"] == "LIDC-IDRI-9001"))
     assert (g["candidates/label"][()] == 1).any()   # the phantom's 15 mm nodule is a candidate
-    assert g["candidates/image"].shape[1:] == g["rois/image"].shape[1:]
+    uid = str(g.attrs["series_uid"])
+    rois, masks = c.candidate_rois(uid, masks=True)
+    assert rois.shape == (len(g["candidates/label"]), *g["rois/image"].shape[1:]) and masks.shape == rois.shape
+    hits = np.flatnonzero(g["candidates/label"][()] == 1)
+    assert masks[hits].any(axis=(1, 2, 3)).all()       # a candidate on the nodule sees its mask
+    one, one_mask = c.candidate_rois(uid, int(hits[0]), masks=True)   # one ROI, read alone, is the same
+    np.testing.assert_array_equal(one, rois[hits[0]])
+    np.testing.assert_array_equal(one_mask, masks[hits[0]])
 
     cfg = DetConfig(width=2, epochs=1, batch_size=4, max_batches=3, split_file=str(tiny_trained["split"]),
                     device="cpu", precision="fp32")
