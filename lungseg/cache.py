@@ -383,10 +383,10 @@ class Cache:
 
         One index gives one (16, 48, 48) ROI, else a (K, 16, 48, 48) stack; with
         ``masks``, also the relevant nodules' masks there (uint8), as a pair.
-        Cut from ``volume/*`` at ``candidates/start`` (:func:`lungseg.preprocess.crop`,
+        Cut from ``volume/*`` at ``candidates/start`` (:class:`lungseg.preprocess.Crops`,
         zero past the volume); a version 2 scan had them stored cut.
         """
-        from .preprocess import crop
+        from .preprocess import Crops
 
         c, g = self.candidates(series_uid), self.scan(series_uid)
         single = isinstance(which, (int, np.integer))
@@ -399,10 +399,8 @@ class Cache:
             out = []
             for name in ("volume/image", "volume/mask") if masks else ("volume/image",):
                 ds = g[name]
-                source = ds if len(starts) < 8 else ds[()]          # many ROIs: read the volume once
-                stack = np.stack([crop(source, s, shape) for s in starts]) if len(starts) \
-                    else np.zeros((0, *shape), ds.dtype)
-                out.append(stack[0] if single else stack)
+                rois = Crops(ds if len(starts) < 8 else ds[()], starts, shape)   # many ROIs: read the volume once
+                out.append(rois[0] if single else rois[:])
         return tuple(out) if masks else out[0]
 
     def nodule_table(self, series_uid: str) -> dict[str, np.ndarray]:

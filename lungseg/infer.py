@@ -48,7 +48,8 @@ from .detect import Rescorer, candidates, finding_masks, p_nodule, segment_rois,
 from .dicomio import (CTVolume, SeriesJob, check_chest_ct, find_inputs, input_sha256, nifti_stem,  # noqa: F401
                       read_job, reorient_to_axial, unique_names)
 from .errors import LungsegError
-from .preprocess import PreprocessConfig, crop, mask_to_grid, resample, resampled_shape, roi_start, scan_lungs, window
+from .preprocess import (Crops, PreprocessConfig, crop, mask_to_grid, resample, resampled_shape, roi_start, scan_lungs,
+                         window)
 from .report import CSV_COLUMNS, DISCLAIMER, Prediction, report_of_input, write_report  # noqa: F401
 
 if TYPE_CHECKING:       # PyTorch is imported where a network runs, so a helper process can start without it
@@ -192,8 +193,8 @@ def _detect(hu_r: np.ndarray, lungs_r: np.ndarray, image_r: np.ndarray, models: 
     pre = models.preprocess
     t = time.perf_counter()
     cands = candidates(hu_r, lungs_r, pre.spacing, DetectConfig())
-    rois = np.stack([crop(image_r, roi_start(c, pre.roi_shape), pre.roi_shape) for c in cands.centres]) \
-        if len(cands) else np.zeros((0, *pre.roi_shape), np.float32)
+    starts = [roi_start(c, pre.roi_shape) for c in cands.centres]
+    rois = Crops(image_r, starts, pre.roi_shape)             # cut batch by batch as the networks read them
     timings["candidates_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -207,8 +208,7 @@ def _detect(hu_r: np.ndarray, lungs_r: np.ndarray, image_r: np.ndarray, models: 
 
     t = time.perf_counter()
     probs = segment_rois(models.seg, rois[keep], device=models.device, precision=cfg.precision)
-    starts = np.asarray([roi_start(c, pre.roi_shape) for c in cands.centres[keep]], int).reshape(-1, 3)
-    labels_r, got = finding_masks(probs, starts, hu_r.shape, pre.spacing, cfg.threshold)
+    labels_r, got = finding_masks(probs, rois.starts[keep], hu_r.shape, pre.spacing, cfg.threshold)
     extras = [{"nodule_probability": round(float(p[keep[k]]), 4)} for k in got]
     timings["segment_s"] = time.perf_counter() - t
     return labels_r, extras

@@ -197,6 +197,35 @@ def crop(array: np.ndarray, start: Sequence[int], shape: Sequence[int], fill=0) 
     return out
 
 
+class Crops:
+    """The ROIs of ``shape`` at ``starts`` (K, 3) of ``array`` (:func:`crop`), cut when indexed.
+
+    ``crops[i]`` is one ROI; ``crops[i:j]`` and ``crops[index_array]`` a
+    stack. A network reads them batch by batch, so a thousand candidates'
+    ROIs are never all in memory at once. ``array`` may be an HDF5 dataset.
+    """
+
+    def __init__(self, array, starts, shape: Sequence[int], fill=0):
+        self.array, self.starts, self.roi_shape, self.fill = array, np.asarray(starts, int).reshape(-1, 3), \
+            tuple(shape), fill
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.roi_shape)
+
+    def __getitem__(self, which) -> np.ndarray:
+        if isinstance(which, (int, np.integer)):
+            return crop(self.array, self.starts[which], self.roi_shape, self.fill)
+        starts = self.starts[which]
+        out = np.empty((len(starts), *self.roi_shape), self.array.dtype)
+        for k, start in enumerate(starts):
+            out[k] = crop(self.array, start, self.roi_shape, self.fill)
+        return out
+
+
 def subcase_starts(lung: np.ndarray, shape: Sequence[int]) -> list[tuple[int, int, int]]:
     """Starts of the sub-cases that tile the lungs along z (paper A: two per scan).
 

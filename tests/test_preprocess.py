@@ -9,6 +9,7 @@ from conftest import TINY_CASES, TINY_SHAPE, TINY_SPACING, phantom
 
 from lungseg import cache, lidc
 from lungseg.preprocess import (
+    Crops,
     PreprocessConfig,
     crop,
     lung_mask,
@@ -266,3 +267,17 @@ def test_candidates_come_from_the_lungs_predict_sees_not_from_the_known_masks():
     hu_r = resample(volume.hu, volume.spacing, TINY_CFG.spacing,
                     shape=resampled_shape(volume.shape, volume.spacing, TINY_CFG.spacing))
     assert not scan_lungs(hu_r, TINY_CFG)[tuple(island)]                        # predict's lungs miss it
+
+
+def test_crops_cut_the_rois_when_indexed_as_crop_does():
+    rng = np.random.default_rng(0)
+    array = rng.random((6, 9, 9)).astype(np.float32)
+    starts = np.array([[0, 0, 0], [-2, 3, 7], [4, 8, -1]])
+    rois = Crops(array, starts, (3, 4, 4))
+    expected = np.stack([crop(array, s, (3, 4, 4)) for s in starts])
+    assert len(rois) == 3 and rois.shape == (3, 3, 4, 4)
+    np.testing.assert_array_equal(rois[:], expected)
+    np.testing.assert_array_equal(rois[1], expected[1])
+    np.testing.assert_array_equal(rois[np.array([2, 0])], expected[[2, 0]])
+    assert rois[np.zeros(0, int)].shape == (0, 3, 4, 4)
+    assert Crops(array, np.zeros((0, 3)), (3, 4, 4))[:].shape == (0, 3, 4, 4)
