@@ -75,9 +75,11 @@ def segmentation(volume: CTVolume, labels: np.ndarray, lungs: np.ndarray, nodule
             segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
             segmented_property_type=codes.SCT.Nodule, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm))
-    # One label map (frames, rows, columns): 1 the lungs, 1 + id each finding, which wins over the lungs
-    pixel_array = np.where(np.asarray(labels) > 0, np.asarray(labels, np.uint16) + 1,
-                           (np.asarray(lungs) > 0).astype(np.uint16))
+    # One label map (frames, rows, columns): 1 the lungs, 1 + id each finding, which wins over the lungs;
+    # 8 bits while the segments fit (a third of the memory of 16 bits and temporaries)
+    labels = np.asarray(labels)
+    pixel_array = (np.asarray(lungs) > 0).astype(np.uint8 if len(segments) <= 255 else np.uint16)
+    np.add(labels, 1, out=pixel_array, where=labels > 0, casting="unsafe")
     return hd.seg.Segmentation(
         source_images=sources, pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
