@@ -90,6 +90,18 @@ def describe(nodule: dict) -> str:
     return f"{nodule['diameter_mm']:.1f} mm ({nodule['size_category']}), {side}{found}{rated}"
 
 
+def _lung_mips(hu: np.ndarray, lungs: np.ndarray, air: float, slices: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Coronal (z, x) and axial (y, x) maximum-intensity projections of the HU inside ``lungs`` (``air``
+    outside), a few slices at a time: no volume-sized temporaries."""
+    coronal = np.empty((hu.shape[0], hu.shape[2]), hu.dtype)
+    axial = np.full(hu.shape[1:], air, hu.dtype)
+    for k in range(0, hu.shape[0], slices):
+        part = np.where(lungs[k:k + slices].astype(bool), hu[k:k + slices], hu.dtype.type(air))
+        coronal[k:k + slices] = part.max(axis=1)
+        np.maximum(axial, part.max(axis=0), out=axial)
+    return coronal, axial
+
+
 def overview_png(volume: CTVolume, lungs: np.ndarray, nodules: list[dict], path: Path) -> None:
     """Coronal and axial maximum-intensity projections of the lungs, each finding circled and numbered.
 
@@ -107,9 +119,9 @@ def overview_png(volume: CTVolume, lungs: np.ndarray, nodules: list[dict], path:
     centres = {n["id"]: ro.index_to_axial(n["centroid_voxel_zyx"]) for n in nodules}
     dz, dy, dx = volume.spacing
     lo, hi = MIP_WINDOW_HU
-    hu = np.where(lungs.astype(bool), volume.hu, np.int16(lo))
-    views = [("coronal", hu.max(axis=1), dz / dx, (2, 0), (dx, dz)),      # (z, x) image, head up
-             ("axial", hu.max(axis=0), dy / dx, (2, 1), (dx, dy))]        # (y, x) image
+    coronal, axial = _lung_mips(volume.hu, lungs, lo)
+    views = [("coronal", coronal, dz / dx, (2, 0), (dx, dz)),      # (z, x) image, head up
+             ("axial", axial, dy / dx, (2, 1), (dx, dy))]        # (y, x) image
     fig, axes = plt.subplots(1, 2, figsize=(12, 6.2), layout="constrained")
     outline = [patheffects.withStroke(linewidth=3, foreground="black")]
     for ax, (name, im, aspect, (ix, iy), (sx, sy)) in zip(axes, views):
