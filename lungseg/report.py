@@ -64,10 +64,10 @@ def nodule_png(volume: CTVolume, labels: np.ndarray, nodule: dict, path: Path) -
     labels = ro.to_axial(labels)
     z, y, x = (int(round(v)) for v in ro.index_to_axial(nodule["centroid_voxel_zyx"]))
     dz, dy, dx = volume.spacing
-    mask = labels == nodule["id"]
-    hu = volume.hu
-    views = [("axial", _gray(hu[z]), mask[z], dy / dx), ("coronal", _gray(hu[:, y, :]), mask[:, y, :], dz / dx),
-             ("sagittal", _gray(hu[:, :, x]), mask[:, :, x], dz / dy)]
+    hu, nid = volume.hu, nodule["id"]
+    views = [("axial", _gray(hu[z]), labels[z] == nid, dy / dx),
+             ("coronal", _gray(hu[:, y, :]), labels[:, y, :] == nid, dz / dx),
+             ("sagittal", _gray(hu[:, :, x]), labels[:, :, x] == nid, dz / dy)]
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
     for ax, (name, im, m, aspect) in zip(axes, views):
         ax.imshow(im, cmap="gray", aspect=aspect, origin="upper" if name == "axial" else "lower")
