@@ -90,12 +90,37 @@ def window(hu: np.ndarray, low: float = -1000.0, high: float = 400.0) -> np.ndar
     return np.clip(out, 0.0, 1.0, out=out)
 
 
+def _near_zero(array: np.ndarray, radius_mm: float, spacing: Sequence[float], slices: int = 8) -> np.ndarray:
+    """``scipy.ndimage.distance_transform_edt(array, sampling=spacing) <= radius_mm``, the same bits.
+
+    scipy's feature transform gives each voxel its nearest zero; the distances
+    are then worked out with scipy's own arithmetic a few slices at a time,
+    instead of as scipy's volume-sized index, float64 and distance arrays
+    (three quarters of its time, on memory this machine is slow to touch).
+    """
+    ft = ndimage.distance_transform_edt(array, sampling=spacing, return_distances=False, return_indices=True)
+    sampling = np.asarray(spacing, np.float64)
+    out = np.empty(array.shape, bool)
+    grids = [np.arange(n, dtype=np.int32).reshape([-1 if a == axis else 1 for a in range(array.ndim)])
+             for axis, n in enumerate(array.shape)]
+    for k in range(0, array.shape[0], slices):
+        at = slice(k, k + slices)
+        squared = None
+        for axis in range(array.ndim):
+            d = (ft[axis, at] - (grids[axis][at] if axis == 0 else grids[axis])).astype(np.float64)
+            d *= sampling[axis]
+            np.multiply(d, d, d)
+            squared = d if squared is None else np.add(squared, d, out=squared)
+        out[at] = np.sqrt(squared) <= radius_mm
+    return out
+
+
 def _closing_mm(mask: np.ndarray, radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
     """Binary closing with a ball of ``radius_mm``, via distance transforms (fast for big radii)."""
     pad = [int(math.ceil(radius_mm / s)) + 1 for s in spacing]
     padded = np.pad(mask, [(p, p) for p in pad])
-    dilated = ndimage.distance_transform_edt(~padded, sampling=spacing) <= radius_mm
-    closed = ndimage.distance_transform_edt(dilated, sampling=spacing) > radius_mm
+    dilated = _near_zero(~padded, radius_mm, spacing)
+    closed = ~_near_zero(dilated, radius_mm, spacing)
     return closed[tuple(slice(p, -p) for p in pad)]
 
 
