@@ -418,54 +418,17 @@ def scan_record(volume: CTVolume, masks: Sequence[tuple[np.ndarray, tuple[slice,
     ratio = np.asarray(volume.spacing) / np.asarray(cfg.spacing)
     nodule_masks = [mask_to_grid(mask, box, ratio, new_shape) for mask, box in masks]
     union = np.any(nodule_masks, axis=0) if nodule_masks else np.zeros(new_shape, bool)
+    centres = [np.asarray(row["centroid_voxel"]) * ratio for row in rows]      # on the model grid
     with ThreadPoolExecutor(1) as pool:
         # The detector's candidates are found beside the rest (distance transforms and filters let go of the GIL),
         # in the lungs found without the nodules' masks: where predict looks.
         found = pool.submit(_blind_candidates, hu, cfg) if cfg.candidates else None
         lungs = scan_lungs(hu, cfg, include=union) if union.any() or found is None else found.result()[0]
         image = window(hu, *cfg.window)
-
-        starts = subcase_starts(lungs, cfg.subcase_shape)
-        sub = {
-            "subcases/image": np.stack([crop(image, s, cfg.subcase_shape) for s in starts]).astype(np.float16),
-            "subcases/mask": np.stack([crop(union.astype(np.uint8), s, cfg.subcase_shape) for s in starts]),
-            "subcases/lung": np.stack([crop(lungs.astype(np.uint8), s, cfg.subcase_shape) for s in starts]),
-            "subcases/start": np.asarray(starts, np.int32),
-        }
-        roi_starts, roi_images, roi_masks, centres = [], [], [], []
-        for row in rows:
-            c = np.asarray(row["centroid_voxel"]) * ratio
-            centres.append(c)
-            roi_starts.append(roi_start(c, cfg.roi_shape))
-        for start, m in zip(roi_starts, nodule_masks):
-            roi_images.append(crop(image, start, cfg.roi_shape))
-            roi_masks.append(crop(m.astype(np.uint8), start, cfg.roi_shape))
-        n = len(rows)
-        arrays = dict(sub)
-        arrays["rois/image"] = (np.stack(roi_images) if n else np.zeros((0, *cfg.roi_shape))).astype(np.float16)
-        arrays["rois/mask"] = (np.stack(roi_masks) if n else np.zeros((0, *cfg.roi_shape))).astype(np.uint8)
-        arrays["rois/start"] = np.asarray(roi_starts, np.int32).reshape(n, 3)
-        float_cols = ("malignancy_median", "diameter_mm", "long_axis_mm", "volume_mm3", "mean_hu")
-        dtypes = {"index": np.int16, "n_readers": np.int8, "ratings": np.int8, "annotation_ids": np.int32,
-                  "label": np.int8, "size_category": np.int8, "centroid_voxel": np.float32,
-                  "centroid_world": np.float32, **{k: np.float32 for k in float_cols}}
-        if rows and "ratings_majority" in rows[0]:
-            dtypes["ratings_majority"] = np.int8
-        for key, dtype in dtypes.items():
-            values = [r[key] for r in rows]
-            shape = (0, 4, len(lidc.CHARACTERISTICS)) if key == "ratings" else (0, 4) if key == "annotation_ids" \
-                else (0, 3) if key.startswith("centroid") else (0,)
-            arrays[f"nodules/{key}"] = np.asarray(values, dtype) if n else np.zeros(shape, dtype)
-        arrays["nodules/centroid_resampled"] = np.asarray(centres, np.float32).reshape(n, 3)
-        # Measured on the original grid: what the malignancy hybrid reads beside the network.
-        arrays["nodules/features"] = np.asarray([nodule_features(volume.hu[box], m, volume.spacing) for m, box in masks],
-                                                np.float32).reshape(n, len(FEATURES))
-        arrays["irrelevant/centroid_resampled"] = np.asarray(
-            [np.asarray(o["centroid_voxel"]) * ratio for o in irrelevant], np.float32).reshape(len(irrelevant), 3)
-        arrays["irrelevant/diameter_mm"] = np.asarray([o["diameter_mm"] for o in irrelevant], np.float32)
+        arrays = _nodule_arrays(volume, masks, nodule_masks, rows, centres, irrelevant, image, union, lungs, ratio,
+                                cfg)
         if found is not None:
             arrays.update(_candidate_arrays(found.result()[1], union, image, centres, rows, arrays, cfg))
-
     voxel_ml = float(np.prod(cfg.spacing)) / 1000.0
     attrs = {
         **attrs,
@@ -476,9 +439,49 @@ def scan_record(volume: CTVolume, masks: Sequence[tuple[np.ndarray, tuple[slice,
         "spacing": np.asarray(cfg.spacing, np.float64),
         "shape": np.asarray(new_shape, np.int32),
         "lung_volume_ml": float(lungs.sum()) * voxel_ml,
-        "n_nodules": n,
+        "n_nodules": len(rows),
     }
     return ScanRecordData(series_uid=str(attrs["series_uid"]), attrs=attrs, arrays=arrays)
+
+
+def _nodule_arrays(volume: CTVolume, masks, nodule_masks, rows, centres, irrelevant, image, union, lungs, ratio,
+                   cfg: PreprocessConfig) -> dict:
+    """A scan's sub-cases, one ROI per nodule, its nodule table and its irrelevant nodules, as cache arrays."""
+    starts = subcase_starts(lungs, cfg.subcase_shape)
+    sub = {
+        "subcases/image": np.stack([crop(image, s, cfg.subcase_shape) for s in starts]).astype(np.float16),
+        "subcases/mask": np.stack([crop(union.astype(np.uint8), s, cfg.subcase_shape) for s in starts]),
+        "subcases/lung": np.stack([crop(lungs.astype(np.uint8), s, cfg.subcase_shape) for s in starts]),
+        "subcases/start": np.asarray(starts, np.int32),
+    }
+    roi_starts, roi_images, roi_masks = [roi_start(c, cfg.roi_shape) for c in centres], [], []
+    for start, m in zip(roi_starts, nodule_masks):
+        roi_images.append(crop(image, start, cfg.roi_shape))
+        roi_masks.append(crop(m.astype(np.uint8), start, cfg.roi_shape))
+    n = len(rows)
+    arrays = dict(sub)
+    arrays["rois/image"] = (np.stack(roi_images) if n else np.zeros((0, *cfg.roi_shape))).astype(np.float16)
+    arrays["rois/mask"] = (np.stack(roi_masks) if n else np.zeros((0, *cfg.roi_shape))).astype(np.uint8)
+    arrays["rois/start"] = np.asarray(roi_starts, np.int32).reshape(n, 3)
+    float_cols = ("malignancy_median", "diameter_mm", "long_axis_mm", "volume_mm3", "mean_hu")
+    dtypes = {"index": np.int16, "n_readers": np.int8, "ratings": np.int8, "annotation_ids": np.int32,
+              "label": np.int8, "size_category": np.int8, "centroid_voxel": np.float32,
+              "centroid_world": np.float32, **{k: np.float32 for k in float_cols}}
+    if rows and "ratings_majority" in rows[0]:
+        dtypes["ratings_majority"] = np.int8
+    for key, dtype in dtypes.items():
+        values = [r[key] for r in rows]
+        shape = (0, 4, len(lidc.CHARACTERISTICS)) if key == "ratings" else (0, 4) if key == "annotation_ids" \
+            else (0, 3) if key.startswith("centroid") else (0,)
+        arrays[f"nodules/{key}"] = np.asarray(values, dtype) if n else np.zeros(shape, dtype)
+    arrays["nodules/centroid_resampled"] = np.asarray(centres, np.float32).reshape(n, 3)
+    # Measured on the original grid: what the malignancy hybrid reads beside the network.
+    arrays["nodules/features"] = np.asarray([nodule_features(volume.hu[box], m, volume.spacing) for m, box in masks],
+                                            np.float32).reshape(n, len(FEATURES))
+    arrays["irrelevant/centroid_resampled"] = np.asarray(
+        [np.asarray(o["centroid_voxel"]) * ratio for o in irrelevant], np.float32).reshape(len(irrelevant), 3)
+    arrays["irrelevant/diameter_mm"] = np.asarray([o["diameter_mm"] for o in irrelevant], np.float32)
+    return arrays
 
 
 def _blind_candidates(hu: np.ndarray, cfg: PreprocessConfig):
