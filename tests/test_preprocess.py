@@ -289,10 +289,12 @@ def test_near_zero_is_scipys_distance_transform_thresholded():
     from lungseg.preprocess import _near_zero
 
     rng = np.random.default_rng(1)
-    for trial in range(20):
+    for trial in range(60):
         shape = tuple(int(n) for n in rng.integers(3, 30, 3))
         array = ndimage.gaussian_filter(rng.random(shape), 1.5) > rng.uniform(0.4, 0.6)
-        spacing = tuple(rng.uniform(0.3, 3.5, 3)) if trial % 3 else (3.0, 1.5, 1.5)
-        radius = float(rng.uniform(0.5, 12)) if trial % 4 else 3.0 * int(rng.integers(1, 4))   # ties on the grid
+        array.flat[rng.integers(array.size)] = False             # a zero somewhere (scipy's is undefined without)
+        spacing = [(3.0, 1.5, 1.5), tuple(rng.uniform(0.3, 3.5, 3)), tuple(np.round(rng.uniform(0.3, 3.5, 3), 1))
+                   ][trial % 3]
+        radius = float(rng.uniform(0.5, 12)) if trial % 4 else 1.5 * int(rng.integers(1, 8))   # ties on the grid
         expected = ndimage.distance_transform_edt(array, sampling=spacing) <= radius
         np.testing.assert_array_equal(_near_zero(array, radius, spacing, slices=4), expected)
